@@ -1,0 +1,196 @@
+"""`fedge bench codec`: size, error and speed of each codec, side by side with references.
+
+Two tensors: ``cnn`` (the FedAvg paper's CNN for 28x28 inputs, 1,663,370
+parameters, random init built here with numpy so the bench does not depend on
+the model code) and ``10M`` (one tensor of 10,000,000 normal floats).
+
+Speeds are GB of fp32 input per second, best of `repeats`. ``encode`` is
+`encode_update` with the spec as written (so ``int8`` includes error feedback)
+plus serialization; ``decode`` is `decode_update` from bytes with the expected
+shapes. ``memcpy_GBps`` (numpy copy into a preallocated array) and
+``torch_ref_GBps`` (per-block absmax scales in torch + `torch.quantize_per_channel`)
+are measured in the same run on the 10M tensor, so each figure reads as a ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+
+from fedge.common.codec_spec import DEFAULT_BLOCK, parse_codec
+from fedge.common.update_codec import decode_update, encode_update
+
+CODECS = ("none", "fp16", "int8", "int8:noef", "int8:stochastic", "int4", "topk=0.01+int4")
+TEN_M = 10_000_000
+# (name, shape, fan_in) of the FedAvg CNN: conv5x5 1->32, pool, conv5x5 32->64, pool,
+# fc 3136->512, fc 512->10
+CNN_LAYERS = (
+    ("conv1.weight", (32, 1, 5, 5), 25),
+    ("conv1.bias", (32,), 25),
+    ("conv2.weight", (64, 32, 5, 5), 800),
+    ("conv2.bias", (64,), 800),
+    ("fc1.weight", (512, 3136), 3136),
+    ("fc1.bias", (512,), 3136),
+    ("fc2.weight", (10, 512), 512),
+    ("fc2.bias", (10,), 512),
+)
+# the issue's acceptance bars
+BARS = {
+    ("cnn", "int8", "bytes_ratio"): 0.255,
+    ("cnn", "int4", "bytes_ratio"): 0.135,
+    ("cnn", "topk=0.01+int4", "bytes_ratio"): 0.015,
+}
+
+
+def cnn_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random-init CNN parameters as torch initialises them: U(-1/sqrt(fan_in), +)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape, fan_in in CNN_LAYERS:
+        bound = 1.0 / math.sqrt(fan_in)
+        out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return out
+
+
+def ten_m_arrays(seed: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal(TEN_M, dtype=np.float32)}
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: page in buffers, start the thread pool
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def memcpy_gbps(x: np.ndarray, repeats: int) -> float:
+    dst = np.empty_like(x)
+    return x.nbytes / _best(lambda: np.copyto(dst, x), repeats) / 1e9
+
+
+def torch_ref_gbps(x: np.ndarray, repeats: int, block: int = DEFAULT_BLOCK) -> float:
+    """int8 with per-block absmax scales computed in torch, quantized by torch."""
+    import torch
+
+    rows = torch.from_numpy(x[: x.size // block * block]).view(-1, block)
+    zero_points = torch.zeros(rows.shape[0], dtype=torch.long)
+
+    def run() -> object:
+        scales = (rows.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+        return torch.quantize_per_channel(rows, scales, zero_points, 0, torch.qint8)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated in torch 2.13
+        return rows.numel() * 4 / _best(run, repeats) / 1e9
+
+
+def _rel_l2(arrays: dict[str, np.ndarray], decoded: dict[str, np.ndarray]) -> float:
+    num = den = 0.0
+    for name, a in arrays.items():
+        a64 = a.astype(np.float64)
+        num += float(np.sum((decoded[name].astype(np.float64) - a64) ** 2))
+        den += float(np.sum(a64**2))
+    return math.sqrt(num / den) if den else 0.0
+
+
+def measure(codec: str, tensor: str, arrays: dict[str, np.ndarray], repeats: int) -> dict:
+    spec = parse_codec(codec)
+    nbytes = sum(a.nbytes for a in arrays.values())
+    expected = {k: (v.shape, v.dtype) for k, v in arrays.items()}
+
+    def enc() -> bytes:
+        update, _ = encode_update(arrays, spec, rng=np.random.default_rng(0))
+        return update.SerializeToString()
+
+    data = enc()
+    decoded = decode_update(data, expected=expected).arrays
+    t_enc = _best(enc, repeats)
+    t_dec = _best(lambda: decode_update(data, expected=expected), repeats)
+    return {
+        "codec": codec,
+        "tensor": tensor,
+        "bytes_ratio": len(data) / nbytes,
+        "rel_l2": _rel_l2(arrays, decoded),
+        "encode_GBps": nbytes / t_enc / 1e9,
+        "decode_GBps": nbytes / t_dec / 1e9,
+        "bytes": len(data),
+        "elements": sum(a.size for a in arrays.values()),
+        "error_feedback": spec.uses_error_feedback,
+        "encode_ms": t_enc * 1e3,
+        "decode_ms": t_dec * 1e3,
+    }
+
+
+def run(repeats: int) -> list[dict]:
+    tensors = {"cnn": cnn_arrays(), "10M": ten_m_arrays()}
+    memcpy = memcpy_gbps(tensors["10M"]["x"], repeats)
+    rows = [
+        measure(codec, name, arrays, repeats)
+        for codec in CODECS
+        for name, arrays in tensors.items()
+    ]
+    # torch last: its OpenMP workers keep spinning for a while after each op
+    torch_ref = torch_ref_gbps(tensors["10M"]["x"], repeats)
+    for row in rows:
+        row["memcpy_GBps"] = memcpy
+        row["torch_ref_GBps"] = torch_ref
+    return rows
+
+
+def check_bars(rows: list[dict]) -> list[str]:
+    """Human-readable pass/fail lines for the issue's acceptance bars."""
+    out = []
+    by = {(r["tensor"], r["codec"]): r for r in rows}
+    for (tensor, codec, key), bar in BARS.items():
+        v = by[(tensor, codec)][key]
+        out.append(f"{'PASS' if v <= bar else 'FAIL'} {tensor} {codec} {key} {v:.4f} <= {bar}")
+    r = by[("10M", "int8")]
+    for key, ref, factor in (
+        ("encode_GBps", "memcpy_GBps", 0.15),
+        ("encode_GBps", "torch_ref_GBps", 1.2),
+        ("decode_GBps", "memcpy_GBps", 0.25),
+    ):
+        ratio = r[key] / r[ref]
+        out.append(
+            f"{'PASS' if ratio >= factor else 'FAIL'} 10M int8 {key} = {ratio:.2f} x {ref}"
+            f" (bar {factor})"
+        )
+    return out
+
+
+def main(json_output: bool = False, repeats: int = 3) -> None:
+    rows = run(repeats)
+    if json_output:
+        print(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fedge codec bench (GB/s of fp32)")
+    for col in ("codec", "tensor", "bytes ratio", "rel L2", "encode", "decode"):
+        table.add_column(col, justify="left" if col in ("codec", "tensor") else "right")
+    for r in rows:
+        table.add_row(
+            r["codec"],
+            r["tensor"],
+            f"{r['bytes_ratio']:.4f}",
+            f"{r['rel_l2']:.2e}",
+            f"{r['encode_GBps']:.2f}",
+            f"{r['decode_GBps']:.2f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"memcpy {rows[0]['memcpy_GBps']:.2f} GB/s, torch int8 reference "
+        f"{rows[0]['torch_ref_GBps']:.2f} GB/s (10M tensor)"
+    )
+    for line in check_bars(rows):
+        console.print(line)

@@ -1,0 +1,1 @@
+"""The edge device: ClientApp, compression mod, edge runtime, CLI."""

@@ -1,0 +1,191 @@
+"""The compression mod: a Flower client `Mod` that sends encoded deltas, not weights.
+
+Add it to any ClientApp whose train handler replies with full weights (one
+ArrayRecord and one MetricRecord with `num-examples`, as Flower's strategies
+expect): `ClientApp(mods=[compression_mod])`. On a `train` message it
+
+1. remembers the global weights that came in (the seam where a compressed
+   global model will be decoded, once the downlink is compressed),
+2. calls the app,
+3. takes the reply's full weights and computes `delta = local - global`,
+4. encodes the delta with the codec named in the train config (`fedge.codec`),
+   adding the error-feedback residual kept in `context.state` (a per-tensor
+   ArrayRecord, so it survives between rounds and, on a device, restarts),
+5. stores the new residual and replaces the reply's arrays with a single uint8
+   array `fedge.update`: the serialized `ModelUpdate` (docs/CONTRACTS.md).
+
+When the config names no codec (or `none`), when the reply is an error, or
+when it does not have the expected shape, the reply passes through untouched,
+so a server without fedge's wrapper still gets what it asked for. Evaluate and
+query messages always pass through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from fedge.common.codec_spec import parse_codec
+from fedge.common.update_codec import encode_update
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+log = logging.getLogger(__name__)
+
+UPDATE_KEY = "fedge.update"
+CODEC_KEY = "fedge.codec"
+BASE_VERSION_KEY = "fedge.base-version"
+RUN_ID_KEY = "fedge.run-id"
+RESIDUAL_STATE_KEY = "fedge.residual"
+WEIGHT_KEY = "num-examples"
+
+
+def _config(message: Message) -> Mapping[str, Any]:
+    records = message.content.config_records
+    if "config" in records:
+        return records["config"]
+    if len(records) == 1:
+        return next(iter(records.values()))
+    return ConfigRecord()
+
+
+def _array_record(message: Message) -> tuple[str, ArrayRecord] | None:
+    records = message.content.array_records
+    if len(records) == 1:
+        return next(iter(records.items()))
+    if "arrays" in records:
+        return "arrays", records["arrays"]
+    return None
+
+
+def incoming_global(message: Message) -> dict[str, np.ndarray] | None:
+    """The global weights a train message carries, as numpy.
+
+    This is where a compressed global model (downlink compression) will be
+    decoded and the message's ArrayRecord restored to plain weights before the
+    app sees it; today the downlink is plain.
+    """
+    found = _array_record(message)
+    if found is None:
+        return None
+    return {k: a.numpy() for k, a in found[1].items()}
+
+
+def load_residual(context: Context, key: str = RESIDUAL_STATE_KEY) -> dict[str, np.ndarray]:
+    """The error-feedback residual kept in `context.state` (empty if none yet)."""
+    record = context.state.array_records.get(key)
+    return {} if record is None else {k: a.numpy() for k, a in record.items()}
+
+
+def store_residual(
+    context: Context, residual: Mapping[str, np.ndarray], key: str = RESIDUAL_STATE_KEY
+) -> None:
+    """Keep the residual in `context.state` as an ArrayRecord (or clear it when empty)."""
+    if residual:
+        context.state[key] = ArrayRecord(
+            {k: Array(np.asarray(v)) for k, v in residual.items()}
+        )
+    elif key in context.state:
+        del context.state[key]
+
+
+def _usable_residual(
+    residual: dict[str, np.ndarray], delta: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray] | None:
+    """The residual if it fits this model tensor for tensor, else None (start afresh)."""
+    if not residual:
+        return None
+    fits = all(k in delta and residual[k].shape == delta[k].shape for k in residual)
+    return residual if fits else None
+
+
+def _delta(
+    local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray] | None:
+    """`local - global` per tensor in the tensor's own dtype; None if they disagree."""
+    if local.keys() != global_.keys():
+        return None
+    out: dict[str, np.ndarray] = {}
+    for k, x in local.items():
+        g = global_[k]
+        same_kind_float = x.dtype.kind == g.dtype.kind == "f"
+        if x.shape != g.shape or x.dtype.kind == "b":
+            return None
+        if x.dtype != g.dtype and not same_kind_float:
+            return None
+        out[k] = np.asarray(np.subtract(x, g, dtype=g.dtype))
+    return out
+
+
+def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def _rng(context: Context, server_round: int) -> np.random.Generator:
+    """Seeded per (run seed, partition or node, round): stochastic rounding is reproducible."""
+    who = context.node_config.get("partition-id", context.node_id)
+    seed = int(context.run_config.get("seed", 0))
+    return np.random.default_rng([seed, int(who), int(server_round)])
+
+
+def make_compression_mod(
+    default_codec: str | None = None, *, state_key: str = RESIDUAL_STATE_KEY
+) -> Mod:
+    """A compression `Mod`; `default_codec` applies when the train config names none."""
+
+    def compression_mod(
+        message: Message, context: Context, call_next: ClientAppCallable
+    ) -> Message:
+        if message.metadata.message_type.split(".")[0] != MessageType.TRAIN:
+            return call_next(message, context)
+        cfg = _config(message)
+        spec = str(cfg.get(CODEC_KEY, default_codec or "") or "").strip()
+        if not spec or not parse_codec(spec).lossy:
+            return call_next(message, context)  # `none`: full weights, as a stock client
+
+        global_ = incoming_global(message)
+        reply = call_next(message, context)
+        if global_ is None or reply.has_error():
+            return reply
+        found = _array_record(reply)
+        metric_records = reply.content.metric_records
+        if found is None or len(metric_records) != 1:
+            log.warning("compression mod: reply is not one ArrayRecord + MetricRecord; sent as is")
+            return reply
+        array_key, record = found
+        delta = _delta({k: a.numpy() for k, a in record.items()}, global_)
+        del global_
+        if delta is None:
+            log.warning("compression mod: reply tensors differ from the global model; sent as is")
+            return reply
+        metrics = next(iter(metric_records.values()))
+        server_round = int(cfg.get("server-round", 0))
+        update, residual = encode_update(
+            delta,
+            spec,
+            residual=_usable_residual(load_residual(context, state_key), delta),
+            rng=_rng(context, server_round),
+            run_id=str(cfg.get(RUN_ID_KEY, "")),
+            round=server_round,
+            base_version=str(cfg.get(BASE_VERSION_KEY, "")),
+            num_examples=int(metrics.get(WEIGHT_KEY, 0)),
+            metrics=_scalar_metrics(metrics),
+            is_delta=True,
+        )
+        del delta
+        store_residual(context, residual, state_key)
+        packed = np.frombuffer(update.SerializeToString(), dtype=np.uint8)
+        reply.content[array_key] = ArrayRecord({UPDATE_KEY: Array(packed)})
+        return reply
+
+    return compression_mod
+
+
+#: The mod with no default codec: it compresses only when the server asks (`fedge.codec`).
+compression_mod: Mod = make_compression_mod()

@@ -1,0 +1,1 @@
+"""Code both the coordinator and devices share: codec, wire helpers, models, data."""

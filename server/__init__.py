@@ -1,0 +1,1 @@
+"""The coordinator: ServerApp, strategy wrapper, gRPC service, store, CLI."""

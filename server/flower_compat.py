@@ -1,0 +1,102 @@
+"""The coordinator's only door into Flower internals (flwr 1.42).
+
+Everything fedge's server side needs from Flower that is not public API lives
+here, so a Flower upgrade touches this file (and `client/flower_compat.py`)
+and nothing else. Public API (`flwr.app`, `flwr.serverapp`) is used directly
+elsewhere.
+
+What is used, and where it lives in flwr 1.42:
+
+- `flwr.supercore.task_identity.TaskIdentity`: `Message(content, dst, type)`
+  reads the sender's run id, node id and task id from this class-level
+  identity, so a ServerApp must not build a message before it is set. Flower's
+  own runtimes set it in `superlink/runtime/run_serverapp.py` and
+  `simulation/run_simulation.py` (task_id=1, node_id=SUPERLINK_NODE_ID).
+- `flwr.supercore.run.Run`: what `Grid.set_run` takes.
+- `Metadata._message_id`: message ids are assigned by the link, never by the
+  sender; Flower's grids write `msg.metadata.__dict__["_message_id"]`.
+- `flwr.common.serde.message_to_proto` / `message_from_proto` and
+  `context_to_proto` / `context_from_proto` with `flwr.proto.message_pb2`:
+  Flower's own protobuf for a whole Message (metadata, content, error), the
+  form in which messages cross process boundaries.
+- `flwr.common.constant.ErrorCode` and `SUPERLINK_NODE_ID`.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Error, Message
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+__all__ = [
+    "SERVER_NODE_ID",
+    "ErrorCode",
+    "Run",
+    "context_from_bytes",
+    "context_to_bytes",
+    "error_reply",
+    "make_run",
+    "message_from_bytes",
+    "message_to_bytes",
+    "set_message_id",
+    "set_task_identity",
+]
+
+#: The node id Flower gives the server side (the SuperLink) in every runtime.
+SERVER_NODE_ID: int = SUPERLINK_NODE_ID
+
+
+def set_task_identity(run_id: int, node_id: int = SERVER_NODE_ID, task_id: int = 1) -> None:
+    """Declare who is sending: `Message(...)` constructors read this global identity."""
+    TaskIdentity.run_id = int(run_id)
+    TaskIdentity.node_id = int(node_id)
+    TaskIdentity.task_id = int(task_id)
+
+
+def make_run(run_id: int, run_config: dict | None = None) -> Run:
+    """A `Run` record (what `Grid.set_run` expects) carrying `run_config` as overrides."""
+    run = Run.create_empty(run_id=int(run_id))
+    run.override_config = dict(run_config or {})
+    run.primary_task_id = 1
+    return run
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Assign the link-side message id (Flower has no public setter for it)."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def message_to_bytes(message: Message) -> bytes:
+    """A whole Message (metadata, content or error) as Flower's own protobuf bytes."""
+    return message_to_proto(message).SerializeToString()
+
+
+def message_from_bytes(data: bytes) -> Message:
+    """Inverse of `message_to_bytes`; the message id travels inside the metadata."""
+    return message_from_proto(ProtoMessage.FromString(data))
+
+
+def context_to_bytes(context: Context) -> bytes:
+    """A Context (ids, configs and the persistent `state` RecordDict) as protobuf bytes."""
+    return context_to_proto(context).SerializeToString()
+
+
+def context_from_bytes(data: bytes) -> Context:
+    """Inverse of `context_to_bytes`."""
+    return context_from_proto(ProtoContext.FromString(data))
+
+
+def error_reply(
+    message: Message, reason: str, code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+) -> Message:
+    """The reply a Flower runtime sends when a ClientApp fails on `message`."""
+    return Message(Error(code=int(code), reason=reason), reply_to=message)

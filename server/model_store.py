@@ -1,0 +1,173 @@
+"""Global model versions as files named by their content hash.
+
+A version is the SHA-256 hex of the serialized `fedge.v1.ModelSnapshot`, and
+the file `<version>.pb` holds exactly those bytes. Content addressing makes a
+write idempotent and a read self-checking: `get` re-hashes and refuses a
+tampered or truncated file. Writes are atomic (temporary file in the same
+folder, fsync, rename, fsync of the folder), so after `kill -9` or a power cut
+a version either exists whole or not at all; leftover temporary files are
+removed when the store is opened. One coordinator owns one folder.
+
+Which version is current, and its lineage, live in SQLite (server/store.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from fedge.common.chunking import is_sha256_hex, sha256_file
+from fedge.common.snapshot import arrays_to_snapshot, snapshot_to_arrays
+
+__all__ = [
+    "ModelCorrupt",
+    "ModelNotFound",
+    "ModelStore",
+    "ModelStoreError",
+    "arrays_to_snapshot",
+    "snapshot_to_arrays",
+]
+
+SUFFIX = ".pb"
+TEMP_PREFIX = ".tmp-"
+
+
+class ModelStoreError(Exception):
+    """A model version could not be read or written; `reason` is a stable code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"model store ({reason}): {detail}" if detail else reason)
+
+
+class ModelNotFound(ModelStoreError, KeyError):
+    """No file for this version."""
+
+    def __init__(self, version: str) -> None:
+        super().__init__("not_found", version)
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
+class ModelCorrupt(ModelStoreError):
+    """The file's bytes no longer hash to its version (tampered or truncated)."""
+
+    def __init__(self, version: str, actual: str) -> None:
+        super().__init__("corrupt", f"{version} hashes to {actual}")
+
+
+class ModelStore:
+    """A folder of model snapshot files named `<sha256>.pb`."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.removed_temp_files = self._remove_temp_files()
+
+    def put(self, snapshot_bytes: bytes | bytearray | memoryview) -> str:
+        """Store the bytes atomically and return their version (SHA-256 hex).
+
+        Storing bytes that are already present rewrites nothing, unless the
+        existing file has been damaged, in which case it is replaced.
+        """
+        version = hashlib.sha256(snapshot_bytes).hexdigest()
+        target = self.path(version)
+        if target.exists() and sha256_file(target) == version:
+            return version
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(snapshot_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.folder)
+        return version
+
+    def put_arrays(
+        self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+    ) -> str:
+        """Shortcut: store `arrays_to_snapshot(arrays, metadata)` and return its version."""
+        snap = arrays_to_snapshot(arrays, metadata)
+        return self.put(snap.SerializeToString(deterministic=True))
+
+    def get(self, version: str) -> bytes:
+        """The snapshot bytes of `version`, verified against the hash (ModelCorrupt if not)."""
+        path = self.path(version)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ModelNotFound(version) from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != version:
+            raise ModelCorrupt(version, actual)
+        return data
+
+    def get_arrays(self, version: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Shortcut: `snapshot_to_arrays(self.get(version))`."""
+        return snapshot_to_arrays(self.get(version))
+
+    def verify(self, version: str) -> None:
+        """Re-hash the file without loading it whole; ModelNotFound / ModelCorrupt on failure."""
+        path = self.path(version)
+        try:
+            actual = sha256_file(path)
+        except FileNotFoundError:
+            raise ModelNotFound(version) from None
+        if actual != version:
+            raise ModelCorrupt(version, actual)
+
+    def has(self, version: str) -> bool:
+        """True if a file for `version` exists (not verified; `get` verifies)."""
+        return is_sha256_hex(version) and self.path(version).is_file()
+
+    def list(self) -> list[str]:
+        """Stored versions, oldest file first (lineage and `current` are in SQLite)."""
+        found = []
+        for p in self.folder.iterdir():
+            if p.suffix == SUFFIX and is_sha256_hex(p.stem) and p.is_file():
+                found.append((p.stat().st_mtime_ns, p.stem))
+        return [v for _, v in sorted(found)]
+
+    def size(self, version: str) -> int:
+        """Size of the stored snapshot in bytes (ModelNotFound if absent)."""
+        try:
+            return self.path(version).stat().st_size
+        except FileNotFoundError:
+            raise ModelNotFound(version) from None
+
+    def path(self, version: str) -> Path:
+        """File path of `version`; refuses anything but a 64-digit hex (no path tricks)."""
+        if not is_sha256_hex(version):
+            raise ModelStoreError("bad_version", repr(version)[:80])
+        return self.folder / f"{version}{SUFFIX}"
+
+    def _remove_temp_files(self) -> int:
+        """Delete temporary files a killed writer left behind; return how many."""
+        removed = 0
+        for p in self.folder.glob(f"{TEMP_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed += 1
+        return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX: the directory entry needs its own fsync)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,170 @@
+"""Turn one train reply into validated arrays, or reject it with a reason.
+
+A reply is either compressed (its one ArrayRecord holds a single uint8 array
+`fedge.update`: a serialized fedge `ModelUpdate`, see docs/CONTRACTS.md) or
+plain (full weights from a stock Flower ClientApp). Either way the result must
+match the global model tensor for tensor (names, shapes, dtype kind) and be
+finite, and the weight (`num-examples`) must be a positive number; otherwise
+`UpdateRejected(reason, detail)` is raised so the round can drop the reply,
+count why, and carry on with the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from fedge.common.errors import UpdateRejected
+from fedge.common.update_codec import decode_update
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+#: Key of the single uint8 array that carries a serialized ModelUpdate.
+UPDATE_KEY = "fedge.update"
+
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+@dataclass
+class DecodedReply:
+    """One accepted reply: its arrays (a delta or full weights) and its weight."""
+
+    arrays: dict[str, np.ndarray]
+    is_delta: bool
+    weight: float
+    metrics: MetricRecord
+    array_key: str
+    metric_key: str
+    compressed: bool
+    codec: str
+
+
+def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:
+    """Name -> (shape, dtype) of a model: what every reply must agree with."""
+    return {k: (tuple(int(s) for s in v.shape), np.dtype(v.dtype)) for k, v in arrays.items()}
+
+
+def content_version(arrays: Mapping[str, np.ndarray]) -> str:
+    """A content hash of model weights (names, dtypes, shapes, bytes), hex SHA-256.
+
+    Sent as `fedge.base-version` so a delta is only ever added to the model it
+    was taken against.
+    """
+    h = hashlib.sha256()
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes(order="C") if not a.flags.c_contiguous else a.data)
+    return h.hexdigest()
+
+
+def is_compressed(record: ArrayRecord) -> bool:
+    """True when the record is a fedge-encoded update (a single `fedge.update` array)."""
+    return len(record) == 1 and UPDATE_KEY in record
+
+
+def reply_bytes(message: Message) -> int:
+    """Bytes of arrays a reply carried (the update bytes, or the plain arrays' bytes)."""
+    if not message.has_content():
+        return 0
+    return sum(len(a.data) for rec in message.content.array_records.values() for a in rec.values())
+
+
+def _single(message: Message) -> tuple[str, ArrayRecord, str, MetricRecord]:
+    content = message.content
+    arrays, metrics = content.array_records, content.metric_records
+    if len(arrays) != 1 or len(metrics) != 1:
+        raise UpdateRejected(
+            "malformed",
+            f"expected one ArrayRecord and one MetricRecord, got {len(arrays)} and {len(metrics)}",
+        )
+    (akey, arec), (mkey, mrec) = next(iter(arrays.items())), next(iter(metrics.items()))
+    return akey, arec, mkey, mrec
+
+
+def _weight(metrics: MetricRecord, key: str) -> float:
+    if key not in metrics:
+        raise UpdateRejected("malformed", f"MetricRecord lacks {key!r}")
+    value = metrics[key]
+    if isinstance(value, list | bool):
+        raise UpdateRejected("bad_weight", f"{key!r} must be a single number")
+    w = float(value)
+    if not np.isfinite(w) or w <= 0:
+        raise UpdateRejected("bad_weight", f"{key!r} is {value!r}")
+    return w
+
+
+def _check_tensor(name: str, a: np.ndarray, layout: Layout) -> None:
+    shape, dtype = layout[name]
+    if tuple(a.shape) != shape:
+        raise UpdateRejected("shape_mismatch", f"{name}: {tuple(a.shape)} != {shape}")
+    if dtype.kind in "fc":
+        if a.dtype.kind != "f":
+            raise UpdateRejected("dtype_mismatch", f"{name}: {a.dtype} for a {dtype} tensor")
+        if not np.isfinite(a).all():
+            raise UpdateRejected("non_finite", f"{name} holds NaN or Inf")
+    elif (a.dtype.kind in "iu") != (dtype.kind in "iu") or (dtype.kind == "b") != (
+        a.dtype.kind == "b"
+    ):
+        raise UpdateRejected("dtype_mismatch", f"{name}: {a.dtype} for a {dtype} tensor")
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], layout: Layout) -> None:
+    """Raise `UpdateRejected` unless `arrays` match `layout` exactly and are finite."""
+    missing = [k for k in layout if k not in arrays]
+    if missing:
+        raise UpdateRejected("missing_tensor", ", ".join(missing[:5]))
+    unexpected = [k for k in arrays if k not in layout]
+    if unexpected:
+        raise UpdateRejected("unexpected_tensor", ", ".join(unexpected[:5]))
+    for name, a in arrays.items():
+        _check_tensor(name, a, layout)
+
+
+def decode_reply(
+    message: Message,
+    *,
+    layout: Layout,
+    base_version: str,
+    run_id: str,
+    server_round: int,
+    weighted_by_key: str,
+    max_update_bytes: int,
+) -> DecodedReply:
+    """Decode and validate one train reply, or raise `UpdateRejected`."""
+    if message.has_error():
+        raise UpdateRejected("client_error", str(message.error.reason)[:200])
+    akey, arec, mkey, mrec = _single(message)
+    weight = _weight(mrec, weighted_by_key)
+    if not is_compressed(arec):
+        try:
+            arrays = {k: a.numpy() for k, a in arec.items()}
+        except Exception as ex:
+            raise UpdateRejected("malformed", f"plain arrays: {ex}") from None
+        check_arrays(arrays, layout)
+        return DecodedReply(arrays, False, weight, mrec, akey, mkey, False, "")
+
+    packed = arec[UPDATE_KEY]
+    if packed.dtype != "uint8" or len(packed.shape) != 1:
+        raise UpdateRejected("malformed", f"{UPDATE_KEY} must be 1-d uint8")
+    if packed.shape[0] > max_update_bytes:
+        raise UpdateRejected("too_large", f"{packed.shape[0]} bytes > {max_update_bytes}")
+    try:
+        data = packed.numpy().tobytes()
+    except Exception as ex:
+        raise UpdateRejected("malformed", f"{UPDATE_KEY}: {ex}") from None
+    update = decode_update(data, expected=layout, max_bytes=max_update_bytes)
+    del data
+    if update.run_id and run_id and update.run_id != run_id:
+        raise UpdateRejected("wrong_run", f"update for run {update.run_id!r}")
+    if update.round and update.round != server_round:
+        raise UpdateRejected("wrong_round", f"update for round {update.round}")
+    if update.is_delta and update.base_version != base_version:
+        raise UpdateRejected(
+            "stale_base", f"delta against {update.base_version[:12]!r}, not {base_version[:12]!r}"
+        )
+    check_arrays(update.arrays, layout)
+    return DecodedReply(
+        dict(update.arrays), bool(update.is_delta), weight, mrec, akey, mkey, True, update.codec
+    )

@@ -1,0 +1,1 @@
+"""Runs fedge's Flower apps in Flower's simulation engine."""
