@@ -22,12 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from fedge.common.arrays import arrays_to_record, model_to_arrays, record_to_model
-from fedge.common.task import DEFAULT_TASK, ClientData, Task, resolve_task
-from fedge.common.training import evaluate, torch_threads, train
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
+
+from fedge.common.arrays import arrays_to_record, model_to_arrays, record_to_model
+from fedge.common.task import DEFAULT_TASK, ClientData, Task, resolve_task
+from fedge.common.training import evaluate, torch_threads, train
 
 ClientAppCallable = Callable[[Message, Context], Message]
 Mod = Callable[[Message, Context, ClientAppCallable], Message]

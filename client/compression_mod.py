@@ -23,18 +23,20 @@ query messages always pass through.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from fedge.common.codec_spec import parse_codec
-from fedge.common.update_codec import encode_update
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from fedge.common.codec_spec import parse_codec
+from fedge.common.update_array import UPDATE_KEY, pack_update
+from fedge.common.update_codec import encode_update
+
 log = logging.getLogger(__name__)
 
-UPDATE_KEY = "fedge.update"
 CODEC_KEY = "fedge.codec"
 BASE_VERSION_KEY = "fedge.base-version"
 RUN_ID_KEY = "fedge.run-id"
@@ -104,27 +106,32 @@ def _usable_residual(
 def _delta(
     local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray] | None:
-    """`local - global` per tensor in the tensor's own dtype; None if they disagree."""
+    """`local - global` per tensor in the global's dtype; None if they disagree.
+
+    `local` is consumed: where dtypes agree the subtraction happens in place,
+    so the device holds one copy of the model less.
+    """
     if local.keys() != global_.keys():
         return None
     out: dict[str, np.ndarray] = {}
     for k, x in local.items():
         g = global_[k]
-        same_kind_float = x.dtype.kind == g.dtype.kind == "f"
-        if x.shape != g.shape or x.dtype.kind == "b":
+        if x.shape != g.shape or x.dtype.kind == "b" or g.dtype.kind == "b":
             return None
-        if x.dtype != g.dtype and not same_kind_float:
+        if x.dtype == g.dtype and x.flags.writeable and x.ndim > 0:
+            out[k] = np.subtract(x, g, out=x)
+        elif x.dtype.kind == g.dtype.kind == "f" or x.dtype == g.dtype:
+            out[k] = np.asarray(np.subtract(x, g, dtype=g.dtype))
+        else:
             return None
-        out[k] = np.asarray(np.subtract(x, g, dtype=g.dtype))
     return out
 
 
-def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+def _num_examples(metrics: Mapping[str, Any]) -> int:
+    value = metrics.get(WEIGHT_KEY, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0
+    return int(value)
 
 
 def _rng(context: Context, server_round: int) -> np.random.Generator:
@@ -164,24 +171,28 @@ def make_compression_mod(
         if delta is None:
             log.warning("compression mod: reply tensors differ from the global model; sent as is")
             return reply
-        metrics = next(iter(metric_records.values()))
         server_round = int(cfg.get("server-round", 0))
-        update, residual = encode_update(
-            delta,
-            spec,
-            residual=_usable_residual(load_residual(context, state_key), delta),
-            rng=_rng(context, server_round),
-            run_id=str(cfg.get(RUN_ID_KEY, "")),
-            round=server_round,
-            base_version=str(cfg.get(BASE_VERSION_KEY, "")),
-            num_examples=int(metrics.get(WEIGHT_KEY, 0)),
-            metrics=_scalar_metrics(metrics),
-            is_delta=True,
-        )
+        try:
+            update, residual = encode_update(
+                delta,
+                spec,
+                residual=_usable_residual(load_residual(context, state_key), delta),
+                rng=_rng(context, server_round),
+                run_id=str(cfg.get(RUN_ID_KEY, "")),
+                round=server_round,
+                base_version=str(cfg.get(BASE_VERSION_KEY, "")),
+                num_examples=_num_examples(next(iter(metric_records.values()))),
+                metrics=None,  # they travel in the reply's MetricRecord; not sent twice
+                is_delta=True,
+            )
+        except ValueError as ex:  # NaN/Inf after training, a dtype the wire cannot carry
+            # the delta was taken on copies: the reply still holds the full weights
+            log.warning("compression mod: cannot encode (%s); reply sent as is", ex)
+            return reply
         del delta
         store_residual(context, residual, state_key)
-        packed = np.frombuffer(update.SerializeToString(), dtype=np.uint8)
-        reply.content[array_key] = ArrayRecord({UPDATE_KEY: Array(packed)})
+        packed = pack_update(update.SerializeToString())
+        reply.content[array_key] = ArrayRecord({UPDATE_KEY: packed})
         return reply
 
     return compression_mod

@@ -24,13 +24,17 @@ from dataclasses import dataclass
 
 from fedge.common.errors import CodecSpecError
 
-# 128 values share one fp16 scale: 2 bytes per 128 values costs 1.6 % over raw
-# int8 (ratio ~0.254 on the CNN, bar 0.255) and 3 % over int4 (~0.129, bar
-# 0.135), while a block stays small enough that one outlier spoils few values.
-DEFAULT_BLOCK = 128
-# Biases and norm parameters (the CNN's largest is 512) are under 1 % of a model
-# but sensitive to error; below 1024 elements a tensor is sent dense and exact.
-DEFAULT_SMALL = 1024
+# One fp16 scale per block. int4 (coarse steps, so outliers hurt more) keeps
+# blocks of 128: 3 % over raw (~0.129 on the CNN, bar 0.135). int8 (fine steps)
+# takes 256: 0.8 % over raw (~0.252, bar 0.255), which also leaves room for the
+# fixed per-update overhead on tiny models (digits MLP: ~0.258, bar 0.26).
+DEFAULT_BLOCKS = {8: 256, 4: 128}
+DEFAULT_BLOCK = DEFAULT_BLOCKS[4]
+# Biases and norm parameters are a sliver of a model; below 256 elements a tensor
+# under a lossy codec is sent dense in fp16 (a block scale would cost more than it
+# saves, and error feedback keeps what fp16 rounding drops). The digits MLP's
+# 640-element output layer is then quantized, which its uplink bar needs.
+DEFAULT_SMALL = 256
 MAX_BLOCK = 1 << 24
 
 _VALUE_STAGES = ("none", "fp16", "int8", "int4")
@@ -42,7 +46,7 @@ class CodecSpec:
 
     bits: int | None = None
     float16: bool = False
-    block: int = DEFAULT_BLOCK
+    block: int | None = None  # None: the default for `bits` (DEFAULT_BLOCKS)
     stochastic: bool = False
     topk: float | None = None
     error_feedback: bool = True
@@ -53,6 +57,8 @@ class CodecSpec:
             raise CodecSpecError(f"bits must be None, 4 or 8, not {self.bits!r}")
         if self.float16 and self.bits is not None:
             raise CodecSpecError("fp16 and int quantization are exclusive")
+        if self.block is None:
+            object.__setattr__(self, "block", DEFAULT_BLOCKS.get(self.bits, DEFAULT_BLOCK))
         if not 0 <= self.block <= MAX_BLOCK:
             raise CodecSpecError(f"block must be in [0, {MAX_BLOCK}], not {self.block}")
         if self.small < 0:
@@ -89,7 +95,7 @@ class CodecSpec:
             return "none"
         value = "fp16" if self.float16 else f"int{self.bits}"
         opts: list[str] = []
-        if self.bits is not None and self.block != DEFAULT_BLOCK:
+        if self.bits is not None and self.block != DEFAULT_BLOCKS[self.bits]:
             opts.append(f"block={self.block}")
         if self.stochastic:
             opts.append("stochastic")
@@ -179,7 +185,7 @@ def parse_codec(spec: str) -> CodecSpec:
             raise CodecSpecError(f"option {key!r} applies to int8/int4, not {value!r}, in {spec!r}")
     if value == "none" and options:
         raise CodecSpecError(f"'none' takes no options ({', '.join(options)}) in {spec!r}")
-    block = DEFAULT_BLOCK
+    block = None
     if "block" in options:
         arg = options["block"] or ""
         block = _parse_int(arg, "block", f"block={arg}", spec)

@@ -23,10 +23,11 @@ import hashlib
 from collections.abc import Mapping
 
 import numpy as np
+from google.protobuf.message import DecodeError
+
 from fedge.common.errors import UpdateRejected
 from fedge.common.update_codec import DEFAULT_MAX_ELEMENTS, decode_tensors, encode_arrays
 from fedge.v1 import snapshot_pb2
-from google.protobuf.message import DecodeError
 
 DEFAULT_MAX_SNAPSHOT_BYTES = 1 << 30
 """1 GiB: far above the models fedge targets, low enough to refuse garbage early."""

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
+
 from fedge.common.datasets import (
     DEFAULT_FASHION_MNIST_DIR,
     DIGIT_LABELS,
@@ -33,7 +35,6 @@ from fedge.common.datasets import (
 )
 from fedge.common.models import DigitsMLP, FedAvgCNN
 from fedge.common.partition import partition_from_config, split_train_test
-from torch import nn
 
 DEFAULT_TASK = "digits"
 DEFAULT_TEST_FRACTION = 0.2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from fedge.common.errors import UpdateRejected
 from fedge.common.varint import decode_uvarints, encode_uvarints
 

@@ -16,11 +16,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from google.protobuf.message import DecodeError
+
+from fedge.common.alloc import note_payload
 from fedge.common.codec_spec import CodecSpec, as_spec, parse_codec
 from fedge.common.errors import CodecSpecError, UpdateRejected
 from fedge.common.tensor_codec import Expected, decode_tensor, fill_encoded, tensor_name
 from fedge.v1 import tensor_pb2, update_pb2
-from google.protobuf.message import DecodeError
 
 # A 1.66M-parameter CNN in fp32 is 6.6 MB; 256 MiB leaves room for ~60M-float
 # models sent uncompressed while bounding what one reply can make us hold.
@@ -54,6 +56,7 @@ def _fill_all(
     rng: np.random.Generator | None,
 ) -> dict[str, np.ndarray]:
     residual = residual or {}
+    note_payload(sum(getattr(a, "nbytes", 0) for a in arrays.values()))
     unknown = set(residual) - set(arrays)
     if unknown:
         raise ValueError(f"residual for tensors not in the update: {sorted(unknown)}")
@@ -103,7 +106,8 @@ def encode_update(
 
     The residual is ``(array + old residual) - decoded`` per float tensor, float32;
     empty when the spec is lossless or has error feedback off. Raises ValueError
-    for NaN/Inf in the arrays, unsupported dtypes or mismatched residuals.
+    for NaN/Inf in the arrays or metrics, unsupported dtypes or mismatched
+    residuals: it never builds an update that `decode_update` would reject.
     """
     spec = as_spec(spec)
     update = update_pb2.ModelUpdate(
@@ -115,6 +119,8 @@ def encode_update(
         num_examples=num_examples,
     )
     for key, value in (metrics or {}).items():
+        if not math.isfinite(float(value)):
+            raise ValueError(f"metric {key!r} is {value}: decode_update would reject it")
         update.metrics[key] = float(value)
     # fill submessages in place: building them apart and appending would copy every payload
     new_residual = _fill_all(update.tensors.add, arrays, spec, residual, rng)
@@ -134,6 +140,8 @@ def decode_tensors(
     """
     out: dict[str, np.ndarray] = {}
     budget = None if expected is not None else max_elements
+    if isinstance(tensors, list | tuple):
+        note_payload(sum(t.ByteSize() for t in tensors))
     for msg in tensors:
         name = tensor_name(msg)
         if not name:
@@ -167,6 +175,7 @@ def _parse(data: bytes | update_pb2.ModelUpdate, max_bytes: int) -> update_pb2.M
         raise UpdateRejected("malformed", f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise UpdateRejected("too_large", f"{len(data)} bytes exceed the cap of {max_bytes}")
+    note_payload(len(data))
     try:
         return update_pb2.ModelUpdate.FromString(data)
     except (DecodeError, ValueError, RuntimeError) as e:

@@ -9,6 +9,7 @@ oversized streams with `UpdateRejected("bad_indices", ...)`.
 from __future__ import annotations
 
 import numpy as np
+
 from fedge.common.errors import UpdateRejected
 
 _MAX_LEN = 10  # 64 bits / 7 bits a byte

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import typer
 
-from fedge.simulations.cli import demo_command, simulate_command
+from fedge.client.cli import client_app_cli
+from fedge.client.enroll_cli import enroll_command
+from fedge.demo import demo_command
+from fedge.server.cli import run_command as coordinator_run_command
+from fedge.server.devices_cli import devices_app, token_app
+from fedge.simulations.cli import simulate_command
 
 app = typer.Typer(
     name="fedge",
@@ -21,6 +26,13 @@ bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True
 app.add_typer(bench_app, name="bench")
 app.command("simulate")(simulate_command)
 app.command("demo")(demo_command)
+coordinator_app = typer.Typer(help="The coordinator devices connect to.", no_args_is_help=True)
+coordinator_app.command("run")(coordinator_run_command)
+coordinator_app.add_typer(token_app, name="token")
+coordinator_app.add_typer(devices_app, name="devices")
+app.command("enroll")(enroll_command)
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(client_app_cli, name="client")
 
 
 @bench_app.command("codec")
@@ -32,3 +44,43 @@ def bench_codec(
     from fedge.bench.codec_bench import main
 
     main(json_output=json_output, repeats=repeats)
+
+
+@bench_app.command("aggregate")
+def bench_aggregate(
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object and nothing else."
+    ),
+    params: int = typer.Option(5_000_000, help="Model parameters (float32)."),
+    counts: str = typer.Option("20,200", help="Two reply counts, low,high."),
+    held: bool = typer.Option(
+        True, "--held/--no-held", help="Also measure with all replies resident beforehand."
+    ),
+) -> None:
+    """Peak RSS of aggregating int8 updates: fedge's wrapper against stock Flower FedAvg."""
+    from fedge.bench.aggregate_bench import main
+
+    lo, _, hi = counts.partition(",")
+    try:
+        pair = (int(lo), int(hi))
+    except ValueError:
+        raise typer.BadParameter(
+            "expected two integers, e.g. 20,200", param_hint="--counts"
+        ) from None
+    main(json_output=json_output, params=params, counts=pair, held=held)
+
+
+@bench_app.command("transport")
+def bench_transport(
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object and nothing else."
+    ),
+    devices: int = typer.Option(50, min=1, help="Concurrent device connections pushing updates."),
+    pushes: int = typer.Option(8, min=1, help="Updates each device pushes."),
+    idle: int = typer.Option(500, min=1, help="Idle devices for the coordinator's RSS."),
+    edge: bool = typer.Option(True, "--edge/--no-edge", help="Also measure the edge runtime."),
+) -> None:
+    """Coordinator ingest vs a bare gRPC echo, coordinator RSS with idle devices, edge RSS."""
+    from fedge.bench.transport_bench import main
+
+    main(json_output=json_output, devices=devices, pushes=pushes, idle=idle, edge=edge)

@@ -34,6 +34,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
 from fedge.common.codec_spec import parse_codec
 from fedge.common.errors import UpdateRejected
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
@@ -46,9 +50,6 @@ from fedge.server.reply_decoder import (
     reply_bytes,
 )
 from fedge.server.streaming_mean import StreamingMean
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class RoundTraffic:
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     accepted: int = 0
+    accepted_nodes: list[int] = field(default_factory=list)  # src node ids, for audit trails
     rejected_reasons: Counter[str] = field(default_factory=Counter)
     train_metrics: dict[str, float] = field(default_factory=dict)
     started_at: float = field(default_factory=time.perf_counter)
@@ -88,7 +90,7 @@ def uses_fedavg_mean(strategy: Strategy) -> bool:
 
 
 def _message_array_bytes(message: Message) -> int:
-    return sum(len(a.data) for rec in message.content.array_records.values() for a in rec.values())
+    return reply_bytes(message)  # same count; avoids RecordDict.array_records' ref cycle
 
 
 class CompressedStrategy(Strategy):
@@ -242,7 +244,11 @@ class CompressedStrategy(Strategy):
                 )
                 continue
             stats.accepted += 1
+            stats.accepted_nodes.append(int(msg.metadata.src_node_id))
             yield msg, decoded
+            # Drop this reply before the loop pulls the next one: otherwise the generator frame
+            # keeps it (and its decoded arrays) alive while the next reply arrives and decodes.
+            del msg, decoded
 
     def _aggregate_streaming(
         self, accepted: Iterator[tuple[Message, DecodedReply]]
@@ -259,9 +265,11 @@ class CompressedStrategy(Strategy):
             metric_contents.append(RecordDict({decoded.metric_key: decoded.metrics}))
             del decoded, _msg  # hold one reply at a time
         result = mean.result()
+        del mean  # frees the float64 running sum before the result is serialized
         if result is None:
             return None, None
-        arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in result.items()})
+        # serialize tensor by tensor, dropping each numpy array once its bytes exist
+        arrays = ArrayRecord({k: Array(np.asarray(result.pop(k))) for k in list(result)})
         metrics = strategy.train_metrics_aggr_fn(metric_contents, strategy.weighted_by_key)
         return arrays, metrics
 

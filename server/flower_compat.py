@@ -20,6 +20,10 @@ What is used, and where it lives in flwr 1.42:
   Flower's own protobuf for a whole Message (metadata, content, error), the
   form in which messages cross process boundaries.
 - `flwr.common.constant.ErrorCode` and `SUPERLINK_NODE_ID`.
+- `flwr.common.serde.recorddict_to_proto` and
+  `flwr.common.serde_utils.metadata_to_proto` / `error_to_proto`: a task is
+  sent as two pre-serialized parts (the content, shared by every device of a
+  round, and each device's metadata), see `message_parts`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from flwr.common.serde import (
     context_to_proto,
     message_from_proto,
     message_to_proto,
+    recorddict_to_proto,
 )
+from flwr.common.serde_utils import error_to_proto, metadata_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 from flwr.supercore.run import Run
@@ -46,6 +52,7 @@ __all__ = [
     "error_reply",
     "make_run",
     "message_from_bytes",
+    "message_parts",
     "message_to_bytes",
     "set_message_id",
     "set_task_identity",
@@ -83,6 +90,34 @@ def message_to_bytes(message: Message) -> bytes:
 def message_from_bytes(data: bytes) -> Message:
     """Inverse of `message_to_bytes`; the message id travels inside the metadata."""
     return message_from_proto(ProtoMessage.FromString(data))
+
+
+def message_parts(
+    message: Message, content_cache: dict[int, bytes] | None = None
+) -> tuple[bytes, bytes]:
+    """A Message as two protobuf fragments whose concatenation parses as the whole message.
+
+    The first holds only the content (field 2 of `flwr.proto.Message`), the
+    second the metadata and error. Protobuf parsers accept fields in any order
+    and merge concatenated messages, so `message_from_bytes(a + b)` equals the
+    message. A strategy hands every device of a round the same `RecordDict`
+    object; `content_cache` (keyed by `id(content)`, valid while those objects
+    live) serializes it once, so N devices cost one model copy, not N.
+    """
+    content = b""
+    if message.has_content():
+        key = id(message.content)
+        cached = None if content_cache is None else content_cache.get(key)
+        if cached is None:
+            cached = ProtoMessage(content=recorddict_to_proto(message.content)).SerializeToString()
+            if content_cache is not None:
+                content_cache[key] = cached
+        content = cached
+    rest = ProtoMessage(
+        metadata=metadata_to_proto(message.metadata),
+        error=error_to_proto(message.error) if message.has_error() else None,
+    ).SerializeToString()
+    return content, rest
 
 
 def context_to_bytes(context: Context) -> bytes:

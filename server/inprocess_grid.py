@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 from uuid import uuid4
 
-from fedge.server import flower_compat as fc
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+
+from fedge.server import flower_compat as fc
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ class InProcessGrid(Grid):
         node = self._nodes[pending.node_id]
         msg = fc.message_from_bytes(pending.wire) if pending.wire is not None else pending.message
         pending.wire = None
-        msg.metadata.delivered_at = str(time.time())
+        msg.metadata.delivered_at = datetime.now(UTC).isoformat()
         node.messages_handled += 1
         if node.failure == "no-reply":
             return None
@@ -264,11 +265,11 @@ class InProcessGrid(Grid):
                 raise TypeError(f"client returned {type(reply).__name__}, not a Message")
             if reply.metadata.reply_to_message_id != msg.metadata.message_id:
                 raise ValueError("client reply does not answer the message it was given")
+            node.context = ctx  # as Flower's runtimes: the context is kept only on success
         except Exception as ex:
             log.warning("node %d failed: %s", node.node_id, ex)
             log.debug("%s", traceback.format_exc())
             reply = fc.error_reply(msg, f"{type(ex).__name__}: {ex}")
-        node.context = ctx
         fc.set_message_id(reply, str(uuid4()))
         if self.serialize:
             data = fc.message_to_bytes(reply)
@@ -295,10 +296,15 @@ def run_server_app_inprocess(
 
     This is what Flower's `flwr.server.run_serverapp.run` does (call
     `server_app(grid=..., context=...)`) after the runtime has set the task
-    identity and the run. `run_config` defaults to the grid's run config; the
-    returned Context carries whatever the app left in `context.state`.
+    identity and the run. `run_config` defaults to the grid's run config; when
+    given, it becomes the nodes' run config too (as a run's config reaches every
+    SuperNode). The returned Context carries what the app left in `context.state`.
     """
     config = dict(grid.run_config if run_config is None else run_config)
+    if run_config is not None:
+        grid.run_config = dict(config)
+        for node in grid.nodes:
+            node.context.run_config = dict(config)
     run = grid.run
     run.override_config = dict(config)
     grid.set_run(run)

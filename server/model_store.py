@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
 from fedge.common.chunking import is_sha256_hex, sha256_file
 from fedge.common.snapshot import arrays_to_snapshot, snapshot_to_arrays
 

@@ -14,16 +14,23 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from google.protobuf.message import DecodeError
+
 from fedge.common.errors import UpdateRejected
+from fedge.common.update_array import UPDATE_KEY, packed_bytes
 from fedge.common.update_codec import decode_update
-from flwr.app import ArrayRecord, Message, MetricRecord
+from fedge.v1 import update_pb2
 
 #: Key of the single uint8 array that carries a serialized ModelUpdate.
-UPDATE_KEY = "fedge.update"
+#: Elements per finiteness check: a 256 KiB boolean temporary, not one the size of the tensor.
+FINITE_CHUNK = 1 << 18
 
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
+R = TypeVar("R", ArrayRecord, MetricRecord)
 
 
 @dataclass
@@ -45,8 +52,13 @@ def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:
     return {k: (tuple(int(s) for s in v.shape), np.dtype(v.dtype)) for k, v in arrays.items()}
 
 
+#: 128 bits of SHA-256 name a model version: collisions are out of reach, and every
+#: update carries it, so the other half would cost 32 bytes of uplink each time
+VERSION_HEX_CHARS = 32
+
+
 def content_version(arrays: Mapping[str, np.ndarray]) -> str:
-    """A content hash of model weights (names, dtypes, shapes, bytes), hex SHA-256.
+    """A content hash of model weights (names, dtypes, shapes, bytes), 128-bit hex SHA-256.
 
     Sent as `fedge.base-version` so a delta is only ever added to the model it
     was taken against.
@@ -56,7 +68,7 @@ def content_version(arrays: Mapping[str, np.ndarray]) -> str:
         a = np.asarray(a)
         h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
         h.update(a.tobytes(order="C") if not a.flags.c_contiguous else a.data)
-    return h.hexdigest()
+    return h.hexdigest()[:VERSION_HEX_CHARS]
 
 
 def is_compressed(record: ArrayRecord) -> bool:
@@ -64,16 +76,47 @@ def is_compressed(record: ArrayRecord) -> bool:
     return len(record) == 1 and UPDATE_KEY in record
 
 
+def records_of(content: RecordDict, kind: type[R]) -> dict[str, R]:
+    """The records of one kind in `content`, by key.
+
+    Use this, not `RecordDict.array_records` / `.metric_records`: in flwr 1.42
+    those build a `_SyncedDict` that references itself (through its bound
+    `check_value`), a cycle only the cyclic GC frees. Every reply touched that
+    way keeps its arrays alive until the next full enough collection, which
+    while streaming 200 replies meant tens of extra replies resident.
+    """
+    return {k: v for k, v in content.items() if isinstance(v, kind)}
+
+
 def reply_bytes(message: Message) -> int:
     """Bytes of arrays a reply carried (the update bytes, or the plain arrays' bytes)."""
     if not message.has_content():
         return 0
-    return sum(len(a.data) for rec in message.content.array_records.values() for a in rec.values())
+    records = records_of(message.content, ArrayRecord)
+    return sum(len(a.data) for rec in records.values() for a in rec.values())
+
+
+def _parse_packed(packed: Array, max_bytes: int) -> update_pb2.ModelUpdate:
+    """Parse the ModelUpdate straight out of the Array's raw bytes (no extra copy)."""
+    raw = packed_bytes(packed, max_bytes)
+    try:
+        return update_pb2.ModelUpdate.FromString(raw)
+    except (DecodeError, ValueError, RuntimeError) as ex:
+        raise UpdateRejected("malformed", f"not a ModelUpdate: {ex}") from None
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """`np.isfinite(a).all()` without a model-sized boolean temporary."""
+    flat = np.ravel(a)
+    return all(
+        bool(np.isfinite(flat[lo : lo + FINITE_CHUNK]).all())
+        for lo in range(0, flat.size, FINITE_CHUNK)
+    )
 
 
 def _single(message: Message) -> tuple[str, ArrayRecord, str, MetricRecord]:
     content = message.content
-    arrays, metrics = content.array_records, content.metric_records
+    arrays, metrics = records_of(content, ArrayRecord), records_of(content, MetricRecord)
     if len(arrays) != 1 or len(metrics) != 1:
         raise UpdateRejected(
             "malformed",
@@ -102,7 +145,7 @@ def _check_tensor(name: str, a: np.ndarray, layout: Layout) -> None:
     if dtype.kind in "fc":
         if a.dtype.kind != "f":
             raise UpdateRejected("dtype_mismatch", f"{name}: {a.dtype} for a {dtype} tensor")
-        if not np.isfinite(a).all():
+        if not _all_finite(a):
             raise UpdateRejected("non_finite", f"{name} holds NaN or Inf")
     elif (a.dtype.kind in "iu") != (dtype.kind in "iu") or (dtype.kind == "b") != (
         a.dtype.kind == "b"
@@ -145,17 +188,11 @@ def decode_reply(
         check_arrays(arrays, layout)
         return DecodedReply(arrays, False, weight, mrec, akey, mkey, False, "")
 
-    packed = arec[UPDATE_KEY]
-    if packed.dtype != "uint8" or len(packed.shape) != 1:
-        raise UpdateRejected("malformed", f"{UPDATE_KEY} must be 1-d uint8")
-    if packed.shape[0] > max_update_bytes:
-        raise UpdateRejected("too_large", f"{packed.shape[0]} bytes > {max_update_bytes}")
-    try:
-        data = packed.numpy().tobytes()
-    except Exception as ex:
-        raise UpdateRejected("malformed", f"{UPDATE_KEY}: {ex}") from None
-    update = decode_update(data, expected=layout, max_bytes=max_update_bytes)
-    del data
+    update = decode_update(
+        _parse_packed(arec[UPDATE_KEY], max_update_bytes),
+        expected=layout,
+        max_bytes=max_update_bytes,
+    )
     if update.run_id and run_id and update.run_id != run_id:
         raise UpdateRejected("wrong_run", f"update for run {update.run_id!r}")
     if update.round and update.round != server_round:

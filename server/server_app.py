@@ -10,7 +10,10 @@ defaults given to `make_server_app(config)`, over `DEFAULTS`:
 `min-evaluate-nodes`, `lr`, `local-epochs`, `batch-size`, `proximal-mu`
 (FedProx only), `server-lr` (FedAdam/FedYogi's eta), `trim-beta`,
 `krum-malicious`, `seed`, `torch-threads`, `round-timeout`,
-`max-update-bytes`, `report-path`.
+`max-update-bytes`, `report-path`, and for a run that resumes, `first-round`
+(rounds run from here to `num-rounds`, numbered as in the original run) and
+`initial-model` (a `fedge.v1.ModelSnapshot` file to start from instead of the
+task's fresh model).
 
 Each round ends with central evaluation of the new global model on the task's
 held-out test set and a `RoundMetrics` record, delivered to the listeners
@@ -18,7 +21,10 @@ given to `make_server_app` (in-process callers) and appended to the JSON-lines
 file `report-path` when set (callers in another process, e.g. `flwr run`).
 When the app returns, `context.state` holds `fedge.report` (ConfigRecord:
 `rounds`, one JSON string per round; `initial-accuracy`, `initial-loss`) and
-`fedge.final-arrays` (the final global model).
+`fedge.final-arrays` (the final global model). Callers that must persist each
+round (the coordinator) pass `on_round_end` hooks: they get the round's record
+with the new global model and the node ids whose replies were aggregated,
+before listeners hear of it.
 """
 
 from __future__ import annotations
@@ -27,17 +33,11 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fedge.common.arrays import model_to_record, record_to_model
-from fedge.common.task import Task, resolve_task
-from fedge.common.training import evaluate
-from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
-from fedge.server.compressed_strategy import CompressedStrategy
-from fedge.server.round_metrics import JsonlRoundWriter, RoundListener, RoundMetrics, notify
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -50,9 +50,21 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedge.common.arrays import arrays_to_record, model_to_arrays, record_to_model
+from fedge.common.snapshot import snapshot_to_arrays
+from fedge.common.task import Task, resolve_task
+from fedge.common.training import evaluate
+from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
+from fedge.server.compressed_strategy import CompressedStrategy
+from fedge.server.round_metrics import JsonlRoundWriter, RoundListener, RoundMetrics, notify
+
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+
+
+#: fields whose default is None (left to the task) and the type a set value has
+_OPTIONAL_KINDS: dict[str, type] = {"lr": float, "local_epochs": int, "batch_size": int}
 
 
 @dataclass(frozen=True)
@@ -67,9 +79,10 @@ class ServerConfig:
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0
     min_evaluate_nodes: int = 2
-    lr: float = 0.05
-    local_epochs: int = 1
-    batch_size: int = 32
+    # None: not sent, so the task's own `train_defaults` apply on the device
+    lr: float | None = None
+    local_epochs: int | None = None
+    batch_size: int | None = None
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     trim_beta: float = 0.2
@@ -79,6 +92,8 @@ class ServerConfig:
     round_timeout: float = 3600.0
     max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
     report_path: str = ""
+    first_round: int = 1
+    initial_model: str = ""
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> ServerConfig:
@@ -89,7 +104,7 @@ class ServerConfig:
             if key not in config:
                 continue
             raw = config[key]
-            kind = type(getattr(cls, f.name))
+            kind = _OPTIONAL_KINDS.get(f.name, type(getattr(cls, f.name)))
             try:
                 values[f.name] = kind(raw)
             except (TypeError, ValueError):
@@ -97,6 +112,8 @@ class ServerConfig:
                     f"run config {key!r}: cannot read {raw!r} as {kind.__name__}"
                 ) from None
         cfg = cls(**values)
+        if cfg.first_round < 1:
+            raise ValueError(f"run config 'first-round' must be at least 1, got {cfg.first_round}")
         if cfg.strategy.lower() not in STRATEGIES:
             raise ValueError(
                 f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}"
@@ -119,9 +136,9 @@ def build_strategy(cfg: ServerConfig) -> Strategy:
     if name == "fedprox":
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if name == "fedadam":
-        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr or 0.1)
     if name == "fedyogi":
-        return FedYogi(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+        return FedYogi(**common, eta=cfg.server_lr, eta_l=cfg.lr or 0.1)
     if name == "fedmedian":
         return FedMedian(**common)
     if name == "fedtrimmedavg":
@@ -131,16 +148,95 @@ def build_strategy(cfg: ServerConfig) -> Strategy:
     raise ValueError(f"unknown strategy {cfg.strategy!r}")
 
 
-def train_config(cfg: ServerConfig) -> ConfigRecord:
-    """What every train message tells the ClientApp (docs/CONTRACTS.md keys)."""
-    return ConfigRecord(
-        {
-            "lr": cfg.lr,
-            "local-epochs": cfg.local_epochs,
-            "batch-size": cfg.batch_size,
-            "torch-threads": cfg.torch_threads,
-        }
-    )
+def train_config(cfg: ServerConfig, task: Task) -> ConfigRecord:
+    """What every train message tells the ClientApp (docs/CONTRACTS.md keys).
+
+    Hyperparameters the run config leaves unset come from the task's
+    `train_defaults`, so a stock client without fedge's defaults trains the same.
+    """
+    chosen = {"lr": cfg.lr, "local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size}
+    config: dict[str, Any] = {k: v for k, v in task.train_defaults.items() if k in chosen}
+    config.update({k: v for k, v in chosen.items() if v is not None})
+    config["torch-threads"] = cfg.torch_threads
+    return ConfigRecord(config)
+
+
+@dataclass(frozen=True)
+class RoundEnd:
+    """A finished round as an `on_round_end` hook sees it: record, new model, contributors."""
+
+    metrics: RoundMetrics
+    arrays: ArrayRecord
+    accepted_nodes: list[int]
+
+
+RoundEndHook = Callable[[RoundEnd], None]
+
+
+class ContinuedRounds(Strategy):
+    """Run `strategy` from round `offset + 1`: what a resumed run needs from `Strategy.start`.
+
+    `start(num_rounds=n)` counts 1..n; this wrapper shifts every round number
+    the wrapped strategy and `evaluate_fn` see by `offset`, so round numbers in
+    messages (`server-round`), records and the store continue where the run
+    stopped. Round 0 (the initial evaluation) stays 0.
+    """
+
+    def __init__(self, strategy: Strategy, offset: int) -> None:
+        self.strategy = strategy
+        self.offset = int(offset)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        return list(
+            self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        return list(
+            self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+
+    def shift(
+        self, evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None]
+    ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+        """`evaluate_fn` as called with the run's own round numbers."""
+
+        def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            return evaluate_fn(server_round + self.offset if server_round else 0, arrays)
+
+        return shifted
+
+
+def initial_arrays(task: Task, cfg: ServerConfig) -> ArrayRecord:
+    """The model the run starts from: `initial-model`'s snapshot, else the task's fresh model.
+
+    A snapshot must hold exactly the task model's tensors (names, shapes, dtypes).
+    """
+    fresh = model_to_arrays(task.make_model())
+    if not cfg.initial_model:
+        return arrays_to_record(fresh)
+    with open(cfg.initial_model, "rb") as f:
+        data = f.read()
+    expected = {k: (tuple(a.shape), a.dtype) for k, a in fresh.items()}
+    arrays, _ = snapshot_to_arrays(data, expected=expected)
+    return arrays_to_record(arrays)
 
 
 class _RoundRecorder:
@@ -152,11 +248,13 @@ class _RoundRecorder:
         run_config: Mapping[str, Any],
         strategy: CompressedStrategy,
         listeners: Sequence[RoundListener],
+        round_end: Sequence[RoundEndHook] = (),
     ) -> None:
         self.model = task.make_model()
         self.test = task.central_test(run_config)
         self.strategy = strategy
         self.listeners = listeners
+        self.round_end = round_end
         self.rounds: list[RoundMetrics] = []
         self.initial: tuple[float, float] | None = None
 
@@ -169,12 +267,14 @@ class _RoundRecorder:
             if loss is not None and accuracy is not None:
                 self.initial = (loss, accuracy)
         else:
-            self._record(server_round, loss, accuracy)
+            self._record(server_round, loss, accuracy, arrays)
         if loss is None:
             return None
         return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
 
-    def _record(self, server_round: int, loss: float | None, accuracy: float | None) -> None:
+    def _record(
+        self, server_round: int, loss: float | None, accuracy: float | None, arrays: ArrayRecord
+    ) -> None:
         stats = self.strategy.traffic(server_round)
         record = RoundMetrics(
             round=server_round,
@@ -190,6 +290,9 @@ class _RoundRecorder:
             codec=stats.codec,
         )
         self.rounds.append(record)
+        end = RoundEnd(record, arrays, list(stats.accepted_nodes))
+        for hook in self.round_end:
+            hook(end)
         notify(self.listeners, record)
 
 
@@ -198,11 +301,14 @@ def make_server_app(
     *,
     listeners: Sequence[RoundListener] = (),
     strategy_factory: Callable[[ServerConfig], Strategy] = build_strategy,
+    on_round_end: Sequence[RoundEndHook] = (),
 ) -> ServerApp:
     """A ServerApp with `config` as defaults under the run config, reporting to `listeners`.
 
     `strategy_factory` builds the inner Flower strategy (default: by the
     `strategy` key); the app always wraps it in `CompressedStrategy`.
+    `on_round_end` hooks run as each round ends, before `listeners`; an
+    exception there stops the run (the coordinator persists rounds there).
     """
     defaults = dict(config or {})
     server_app = ServerApp()
@@ -222,14 +328,15 @@ def make_server_app(
         targets = list(listeners)
         if cfg.report_path:
             targets.append(JsonlRoundWriter(cfg.report_path))
-        recorder = _RoundRecorder(task, run_config, strategy, targets)
-        result = strategy.start(
+        recorder = _RoundRecorder(task, run_config, strategy, targets, on_round_end)
+        rounds = ContinuedRounds(strategy, cfg.first_round - 1)
+        result = rounds.start(
             grid=grid,
-            initial_arrays=model_to_record(task.make_model()),
-            num_rounds=cfg.num_rounds,
+            initial_arrays=initial_arrays(task, cfg),
+            num_rounds=max(0, cfg.num_rounds - rounds.offset),
             timeout=cfg.round_timeout,
-            train_config=train_config(cfg),
-            evaluate_fn=recorder,
+            train_config=train_config(cfg, task),
+            evaluate_fn=rounds.shift(recorder),
         )
         report = ConfigRecord({"rounds": [json.dumps(r.to_dict()) for r in recorder.rounds]})
         if recorder.initial is not None:

@@ -119,6 +119,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """,
         "CREATE INDEX results_by_round ON results (run_id, round, status)",
     ),
+    # 2: enrollment (issue 5). Tokens are stored as a hash of their secret only;
+    # a device remembers the token (by id) it enrolled with, for the audit trail.
+    (
+        """
+        CREATE TABLE enrollment_tokens (
+            id TEXT PRIMARY KEY,
+            secret_hash TEXT NOT NULL,
+            label TEXT NOT NULL DEFAULT '',
+            created REAL NOT NULL,
+            expires REAL NOT NULL,
+            max_uses INTEGER NOT NULL,
+            uses INTEGER NOT NULL DEFAULT 0,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            last_used REAL
+        )
+        """,
+        "ALTER TABLE devices ADD COLUMN enrolled_with TEXT",
+        "CREATE UNIQUE INDEX devices_by_cert ON devices (cert_fingerprint)",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -179,6 +198,22 @@ class Device:
     capabilities: dict[str, Any]
     num_examples: int
     cert_fingerprint: str | None
+    enrolled_with: str | None = None  # id of the enrollment token used (never its secret)
+
+
+@dataclass(frozen=True)
+class EnrollmentToken:
+    """A token's record; the secret itself is never stored, only `secret_hash`."""
+
+    id: str
+    secret_hash: str
+    label: str
+    created: float
+    expires: float
+    max_uses: int
+    uses: int
+    revoked: bool
+    last_used: float | None
 
 
 @dataclass(frozen=True)
@@ -382,6 +417,86 @@ class Store:
                 "device",
                 device_id,
             )
+
+    def get_device_by_fingerprint(self, fingerprint: str) -> Device | None:
+        row = self._row("SELECT * FROM devices WHERE cert_fingerprint=?", fingerprint)
+        return _device(row) if row else None
+
+    # -- enrollment tokens (issue 5) -----------------------------------------
+
+    def add_enrollment_token(
+        self, token_id: str, secret_hash: str, *, label: str, expires: float, max_uses: int
+    ) -> EnrollmentToken:
+        """Record a new token by its id and the hash of its secret."""
+        if max_uses < 1:
+            raise StoreError("bad_token", "max_uses must be at least 1")
+        with self._tx() as c:
+            if _one(c, "SELECT 1 FROM enrollment_tokens WHERE id=?", token_id):
+                raise StoreError("exists", f"token {token_id}")
+            c.execute(
+                "INSERT INTO enrollment_tokens (id, secret_hash, label, created, expires,"
+                " max_uses) VALUES (?,?,?,?,?,?)",
+                (token_id, secret_hash, label, self._clock(), expires, max_uses),
+            )
+            return _token(_one(c, "SELECT * FROM enrollment_tokens WHERE id=?", token_id))
+
+    def get_enrollment_token(self, token_id: str) -> EnrollmentToken | None:
+        row = self._row("SELECT * FROM enrollment_tokens WHERE id=?", token_id)
+        return _token(row) if row else None
+
+    def list_enrollment_tokens(self) -> list[EnrollmentToken]:
+        return [_token(r) for r in self._rows("SELECT * FROM enrollment_tokens ORDER BY created")]
+
+    def revoke_enrollment_token(self, token_id: str) -> None:
+        with self._tx() as c:
+            _require(
+                c.execute("UPDATE enrollment_tokens SET revoked=1 WHERE id=?", (token_id,)),
+                "token",
+                token_id,
+            )
+
+    def enroll_device(
+        self,
+        token_id: str,
+        secret_hash: str,
+        *,
+        device_id: str,
+        name: str,
+        cert_fingerprint: str,
+    ) -> Device:
+        """Spend one use of a token and add the device with its certificate, atomically.
+
+        The use is counted by a conditional UPDATE (live, unrevoked, hash
+        matching, uses left) in the same transaction as the device insert, so
+        two racing enrollments cannot both spend a token's last use, and a
+        failure leaves neither a spent use nor a device row.
+        """
+        now = self._clock()
+        with self._tx(durable=True) as c:
+            cur = c.execute(
+                "UPDATE enrollment_tokens SET uses=uses+1, last_used=? WHERE id=? AND"
+                " secret_hash=? AND revoked=0 AND uses<max_uses AND expires>?",
+                (now, token_id, secret_hash, now),
+            )
+            if cur.rowcount != 1:
+                raise StoreError("token_refused", f"token {token_id}")
+            if _one(c, "SELECT 1 FROM devices WHERE id=?", device_id):
+                raise StoreError("exists", f"device {device_id}")
+            c.execute(
+                "INSERT INTO devices (id, node_id, name, created, last_seen, status,"
+                " cert_fingerprint, enrolled_with) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    device_id,
+                    _new_node_id(c),
+                    name,
+                    now,
+                    now,
+                    DeviceStatus.ACTIVE,
+                    cert_fingerprint,
+                    token_id,
+                ),
+            )
+            return _device(_one(c, "SELECT * FROM devices WHERE id=?", device_id))
 
     # -- runs and model lineage ----------------------------------------------
 
@@ -807,6 +922,21 @@ def _device(r: sqlite3.Row) -> Device:
         capabilities=json.loads(r["capabilities"]),
         num_examples=r["num_examples"],
         cert_fingerprint=r["cert_fingerprint"],
+        enrolled_with=r["enrolled_with"],
+    )
+
+
+def _token(r: sqlite3.Row) -> EnrollmentToken:
+    return EnrollmentToken(
+        id=r["id"],
+        secret_hash=r["secret_hash"],
+        label=r["label"],
+        created=r["created"],
+        expires=r["expires"],
+        max_uses=r["max_uses"],
+        uses=r["uses"],
+        revoked=bool(r["revoked"]),
+        last_used=r["last_used"],
     )
 
 

@@ -18,19 +18,27 @@ from collections.abc import Mapping
 
 import numpy as np
 
+#: Elements per step when folding an update in: float64 temporaries stay at 512 KiB instead
+#: of 2x the largest tensor (a 4 M-float fc layer would otherwise need a 32 MB scratch copy
+#: per reply, and the final mean three of them).
+CHUNK = 1 << 16
+
 
 class StreamingMean:
     """Running weighted mean of updates against a fixed base model `base`.
 
     Non-float tensors (integer buffers) are averaged the same way and rounded
     back to their dtype, so the result has exactly the base's names, shapes
-    and dtypes, in the base's order.
+    and dtypes, in the base's order. Updates are folded in chunk by chunk
+    through one small scratch buffer, so besides the running sum nothing
+    model-sized is allocated; the arithmetic is the same as whole-array numpy.
     """
 
     def __init__(self, base: Mapping[str, np.ndarray], dtype: np.dtype | type = np.float64):
         self.base = base
         self.dtype = np.dtype(dtype)
         self._sum: dict[str, np.ndarray] | None = None
+        self._scratch = np.empty(CHUNK, dtype=self.dtype)
         self.total_weight = 0.0
         self.count = 0
 
@@ -44,39 +52,64 @@ class StreamingMean:
             raise ValueError(f"weight must be finite and > 0, got {weight}")
         if arrays.keys() != self.base.keys():
             raise ValueError("update tensors differ from the base model's")
+        acc = self._accumulators()
+        for name, a in arrays.items():
+            if np.shape(a) != acc[name].shape:
+                raise ValueError(f"{name}: shape {np.shape(a)} != {acc[name].shape}")
+
+    def _fold(self, name: str, x: np.ndarray, weight: float, full: bool) -> None:
+        """`sum[name] += weight * (x - base)` (or `weight * x` for a delta), chunk by chunk."""
+        acc = self._accumulators()[name].reshape(-1)
+        xf = np.ravel(x)
+        bf = np.ravel(self.base[name]) if full else None
+        for lo in range(0, acc.size, CHUNK):
+            hi = min(lo + CHUNK, acc.size)
+            tmp = self._scratch[: hi - lo]
+            if bf is None:
+                np.multiply(xf[lo:hi], weight, out=tmp, dtype=self.dtype)
+            else:
+                np.subtract(xf[lo:hi], bf[lo:hi], out=tmp, dtype=self.dtype)
+                tmp *= weight
+            acc[lo:hi] += tmp
 
     def add_delta(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold in an update given as `x - base` with weight `weight`."""
         self._check(delta, weight)
-        acc = self._accumulators()
         for name, d in delta.items():
-            if d.shape != acc[name].shape:
-                raise ValueError(f"{name}: shape {d.shape} != {acc[name].shape}")
-            acc[name] += np.multiply(d, weight, dtype=self.dtype)
+            self._fold(name, d, float(weight), full=False)
         self.total_weight += float(weight)
         self.count += 1
 
     def add_full(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold in an update given as full weights `x` with weight `weight`."""
         self._check(arrays, weight)
-        acc = self._accumulators()
         for name, x in arrays.items():
-            if x.shape != acc[name].shape:
-                raise ValueError(f"{name}: shape {x.shape} != {acc[name].shape}")
-            tmp = np.subtract(x, self.base[name], dtype=self.dtype)
-            tmp *= weight
-            acc[name] += tmp
+            self._fold(name, x, float(weight), full=True)
         self.total_weight += float(weight)
         self.count += 1
 
     def result(self) -> dict[str, np.ndarray] | None:
-        """The weighted mean (base dtypes), or None when nothing was added."""
+        """The weighted mean (base dtypes), or None when nothing was added.
+
+        Computed chunk by chunk straight into the output arrays: the only
+        model-sized allocation is the result itself.
+        """
         if self._sum is None or self.total_weight <= 0:
             return None
         out: dict[str, np.ndarray] = {}
         for name, base in self.base.items():
-            mean = np.asarray(base, dtype=self.dtype) + self._sum[name] / self.total_weight
-            if not np.issubdtype(base.dtype, np.floating):
-                mean = np.rint(mean)
-            out[name] = np.asarray(mean, dtype=base.dtype)
+            base_arr = np.asarray(base)
+            mean = np.empty(base_arr.shape, dtype=base_arr.dtype)
+            flat_out, flat_base = mean.reshape(-1), np.ravel(base_arr)
+            flat_sum = self._sum[name].reshape(-1)
+            rounded = not np.issubdtype(base_arr.dtype, np.floating)
+            for lo in range(0, flat_out.size, CHUNK):
+                hi = min(lo + CHUNK, flat_out.size)
+                tmp = self._scratch[: hi - lo]
+                np.divide(flat_sum[lo:hi], self.total_weight, out=tmp)
+                np.add(tmp, flat_base[lo:hi], out=tmp, dtype=self.dtype)
+                if rounded:
+                    np.rint(tmp, out=tmp)
+                flat_out[lo:hi] = tmp
+            out[name] = mean
         return out

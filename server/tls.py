@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ SERVER_VALIDITY = dt.timedelta(days=825)
 DEVICE_VALIDITY = dt.timedelta(days=365)
 RENEW_BEFORE = dt.timedelta(days=30)
 """A server certificate closer than this to expiry is re-issued on start."""
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+"""Device ids of this shape also go into the device certificate's DNS SAN."""
 
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 """Backdate `not_valid_before` so devices with a slightly late clock accept new certs."""
@@ -117,8 +121,11 @@ def sign_csr(
     """Issue a device (TLS client) certificate for a CSR, signed by the coordinator's CA.
 
     The subject is set to `device_id` whatever the CSR asks for: the
-    coordinator, not the device, names devices. The CSR must be validly
-    self-signed and carry an EC P-256 key. Returns the certificate as PEM.
+    coordinator, not the device, names devices; an id that is a DNS label
+    (fedge's hex ids are) is also the certificate's DNS SAN, which gRPC then
+    reports as the peer identity. The CSR must be validly self-signed and carry
+    an EC P-256 key; its requested extensions are ignored. Returns the
+    certificate as PEM.
     """
     now = now or dt.datetime.now(dt.UTC)
     try:
@@ -132,9 +139,13 @@ def sign_csr(
         raise TlsError("device keys must be EC P-256")
     ca_key = _load_key(paths.ca_key)
     ca_cert = _load_cert(paths.ca_cert)
+    builder = _builder(key, _name(device_id), ca_cert.subject, now, validity)
+    if _DNS_LABEL.fullmatch(device_id):
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(device_id)]), critical=False
+        )
     cert = (
-        _builder(key, _name(device_id), ca_cert.subject, now, validity)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_leaf_key_usage(), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from fedge.common.chunking import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -188,6 +189,7 @@ def test_file_assembler_hash_covers_resumed_prefix(tmp_path: Path) -> None:
 
 def test_every_reason_has_a_grpc_status() -> None:
     import grpc
+
     from fedge.common.chunking import STATUS_BY_REASON
 
     def reason_of(fn) -> str:

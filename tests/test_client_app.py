@@ -18,16 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fedge.client.client_app import app, make_client_app
-from fedge.common.arrays import (
-    arrays_to_record,
-    model_to_arrays,
-    model_to_record,
-    record_to_arrays,
-    record_to_model,
-)
-from fedge.common.task import resolve_task
-from fedge.common.training import evaluate
 from flwr.app import (
     DEFAULT_TTL,
     ArrayRecord,
@@ -39,6 +29,17 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+
+from fedge.client.client_app import app, make_client_app
+from fedge.common.arrays import (
+    arrays_to_record,
+    model_to_arrays,
+    model_to_record,
+    record_to_arrays,
+    record_to_model,
+)
+from fedge.common.task import resolve_task
+from fedge.common.training import evaluate
 
 _ids = itertools.count(1)
 

@@ -175,9 +175,7 @@ def test_error_feedback_conserves_the_sum(codec: str, rounds: int, n: int, seed:
     for _ in range(rounds):
         x = (rng.standard_normal(n) * rng.choice([1e-4, 1.0, 100.0])).astype(np.float32)
         bound += float(np.abs(x).max() + (np.abs(residual["t"]).max() if residual else 0.0))
-        update, residual = encode_update(
-            {"t": x}, spec, residual=residual or None, rng=rng
-        )
+        update, residual = encode_update({"t": x}, spec, residual=residual or None, rng=rng)
         total_in += x
         total_out += decode_update(update.SerializeToString()).arrays["t"].astype(np.float64)
         assert residual["t"].dtype == np.float32 and residual["t"].shape == x.shape

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedge.common.codec_spec import DEFAULT_BLOCK, DEFAULT_SMALL, CodecSpec, parse_codec
+from fedge.common.codec_spec import DEFAULT_BLOCKS, DEFAULT_SMALL, CodecSpec, parse_codec
 from fedge.common.errors import CodecSpecError
 
 
@@ -15,16 +15,16 @@ from fedge.common.errors import CodecSpecError
     [
         ("none", {"bits": None, "float16": False, "lossy": False}, "none"),
         ("fp16", {"float16": True, "bits": None, "error_feedback": True}, "fp16"),
-        ("int8", {"bits": 8, "block": DEFAULT_BLOCK, "stochastic": False}, "int8"),
+        ("int8", {"bits": 8, "block": DEFAULT_BLOCKS[8], "stochastic": False}, "int8"),
         ("int4", {"bits": 4, "topk": None, "error_feedback": True}, "int4"),
         ("int8:block=64", {"bits": 8, "block": 64}, "int8:block=64"),
         ("int8:block=0", {"bits": 8, "block": 0}, "int8:block=0"),
         ("int4:stochastic", {"bits": 4, "stochastic": True}, "int4:stochastic"),
         ("topk=0.01+int4", {"bits": 4, "topk": 0.01}, "topk=0.01+int4"),
         (
-            "topk=0.05+int8:block=256",
-            {"bits": 8, "topk": 0.05, "block": 256},
-            "topk=0.05+int8:block=256",
+            "topk=0.05+int8:block=512",
+            {"bits": 8, "topk": 0.05, "block": 512},
+            "topk=0.05+int8:block=512",
         ),
         ("int8:noef", {"bits": 8, "error_feedback": False}, "int8:noef"),
         ("fp16:small=0", {"float16": True, "small": 0}, "fp16:small=0"),

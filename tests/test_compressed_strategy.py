@@ -9,21 +9,6 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pytest
-from fedge.client.client_app import make_client_app
-from fedge.client.compression_mod import compression_mod
-from fedge.common.update_codec import encode_update
-from fedge.server.compressed_strategy import (
-    BASE_VERSION_KEY,
-    CODEC_KEY,
-    RUN_ID_KEY,
-    CompressedStrategy,
-    uses_fedavg_mean,
-)
-from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
-from fedge.server.reply_decoder import UPDATE_KEY, content_version
-from fedge.server.round_metrics import RoundMetrics
-from fedge.server.server_app import make_server_app
-from fedge.server.streaming_mean import StreamingMean
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -48,6 +33,23 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     QFedAvg,
 )
+
+from fedge.client.client_app import make_client_app
+from fedge.client.compression_mod import compression_mod
+from fedge.common.update_array import UPDATE_KEY, pack_update
+from fedge.common.update_codec import encode_update
+from fedge.server.compressed_strategy import (
+    BASE_VERSION_KEY,
+    CODEC_KEY,
+    RUN_ID_KEY,
+    CompressedStrategy,
+    uses_fedavg_mean,
+)
+from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
+from fedge.server.reply_decoder import content_version
+from fedge.server.round_metrics import RoundMetrics
+from fedge.server.server_app import make_server_app
+from fedge.server.streaming_mean import StreamingMean
 
 RNG = np.random.default_rng(3)
 GLOBAL = {
@@ -227,7 +229,7 @@ def _raw_app(make_record, weight: int = 10) -> ClientApp:
 
 
 def _packed(data: bytes) -> ArrayRecord:
-    return ArrayRecord({UPDATE_KEY: Array(np.frombuffer(data, dtype=np.uint8).copy())})
+    return ArrayRecord({UPDATE_KEY: pack_update(data)})
 
 
 def _encoded(arrays, cfg, **overrides) -> bytes:

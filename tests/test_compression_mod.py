@@ -4,16 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fedge.client.client_app import make_client_app
-from fedge.client.compression_mod import (
-    RESIDUAL_STATE_KEY,
-    UPDATE_KEY,
-    compression_mod,
-    make_compression_mod,
-)
-from fedge.common.update_codec import decode_update
-from fedge.server.flower_compat import set_task_identity
-from fedge.server.inprocess_grid import InProcessGrid
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -25,6 +15,18 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+
+from fedge.client.client_app import make_client_app
+from fedge.client.compression_mod import (
+    RESIDUAL_STATE_KEY,
+    UPDATE_KEY,
+    compression_mod,
+    make_compression_mod,
+)
+from fedge.common.update_array import UPDATE_STYPE
+from fedge.common.update_codec import decode_update
+from fedge.server.flower_compat import set_task_identity
+from fedge.server.inprocess_grid import InProcessGrid
 
 RNG = np.random.default_rng(7)
 GLOBAL = {
@@ -93,10 +95,11 @@ def test_train_reply_becomes_one_encoded_update() -> None:
     reply = fixed_step_app()(_message(CFG), ctx)
     record = reply.content["arrays"]
     assert list(record.keys()) == [UPDATE_KEY]
-    packed = record[UPDATE_KEY].numpy()
-    assert packed.dtype == np.uint8 and packed.ndim == 1
+    packed = record[UPDATE_KEY]
+    assert packed.stype == UPDATE_STYPE and packed.dtype == "uint8"
+    assert tuple(packed.shape) == (len(packed.data),)
     assert reply.content["metrics"]["num-examples"] == 12  # metrics kept as they were
-    update = decode_update(packed.tobytes())
+    update = decode_update(packed.data)
     assert update.is_delta and update.codec.startswith("int8")
     assert update.base_version == "v1" and update.run_id == "run-a" and update.round == 1
     assert update.num_examples == 12
@@ -106,7 +109,7 @@ def test_train_reply_becomes_one_encoded_update() -> None:
     assert update.arrays["steps"].dtype == np.int64
     assert int(update.arrays["steps"]) == 3  # integer tensors travel losslessly
     # a full fp32 reply of w would be 64*40*4 bytes alone; int8 is about a quarter
-    assert packed.size < 0.4 * sum(v.nbytes for v in GLOBAL.values())
+    assert len(packed.data) < 0.4 * sum(v.nbytes for v in GLOBAL.values())
 
 
 def test_residual_persists_and_feeds_the_next_round() -> None:
@@ -116,7 +119,7 @@ def test_residual_persists_and_feeds_the_next_round() -> None:
     for round_ in (1, 2):
         msg = _message({**CFG, "server-round": round_})
         reply = app(msg, ctx)
-        decoded.append(decode_update(reply.content["arrays"][UPDATE_KEY].numpy().tobytes()))
+        decoded.append(decode_update(reply.content["arrays"][UPDATE_KEY].data))
         assert RESIDUAL_STATE_KEY in ctx.state.array_records
     residual = ctx.state[RESIDUAL_STATE_KEY]
     r = residual["w"].numpy()
@@ -139,7 +142,7 @@ def test_default_codec_applies_without_config() -> None:
     app = fixed_step_app(mods=[make_compression_mod("int4")])
     ctx = _context()
     reply = app(_message({"server-round": 1}), ctx)
-    update = decode_update(reply.content["arrays"][UPDATE_KEY].numpy().tobytes())
+    update = decode_update(reply.content["arrays"][UPDATE_KEY].data)
     assert update.codec.startswith("int4")
 
 
@@ -178,3 +181,21 @@ def test_fedge_client_app_with_mod_keeps_residual_across_rounds_on_the_grid() ->
         if round_ == 1:
             first = residuals[0]["fc1.weight"].numpy().copy()
     assert not np.array_equal(first, residuals[0]["fc1.weight"].numpy())
+
+
+def test_a_reply_that_cannot_be_encoded_goes_out_plain() -> None:
+    app = ClientApp(mods=[compression_mod])
+
+    @app.train()
+    def diverged(message: Message, context: Context) -> Message:
+        local = {k: v + STEP[k] for k, v in GLOBAL.items()}
+        local["w"] = local["w"].copy()
+        local["w"][0, 0] = np.inf
+        metrics = MetricRecord({"num-examples": 12, "train-loss": 0.5})
+        return Message(RecordDict({"arrays": _record(local), "metrics": metrics}), reply_to=message)
+
+    ctx = _context()
+    reply = app(_message(CFG), ctx)
+    assert set(reply.content["arrays"].keys()) == set(GLOBAL)  # the server will reject it
+    assert np.isinf(reply.content["arrays"]["w"].numpy()[0, 0])
+    assert RESIDUAL_STATE_KEY not in ctx.state

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedge.common.datasets import (
     DEFAULT_FASHION_MNIST_DIR,
     DatasetError,

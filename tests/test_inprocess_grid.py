@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fedge.server.flower_compat import SERVER_NODE_ID, ErrorCode
-from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -18,6 +16,9 @@ from flwr.app import (
 )
 from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
+
+from fedge.server.flower_compat import SERVER_NODE_ID, ErrorCode
+from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
 
 
 def echo(message: Message, context: Context) -> Message:

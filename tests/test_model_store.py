@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedge.common.errors import UpdateRejected
 from fedge.common.snapshot import arrays_to_snapshot, snapshot_to_arrays, tensors_version
 from fedge.server.model_store import (

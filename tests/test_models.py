@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
+
 from fedge.common.arrays import (
     arrays_to_model,
     arrays_to_record,
@@ -17,7 +19,6 @@ from fedge.common.arrays import (
 from fedge.common.models import DigitsMLP, FedAvgCNN, build_model, count_parameters
 from fedge.common.task import resolve_task
 from fedge.common.training import evaluate, torch_threads, train
-from flwr.app import ArrayRecord
 
 
 def test_fedavg_cnn_has_the_papers_parameter_count() -> None:

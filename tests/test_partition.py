@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fedge.common.partition import (
     dirichlet,
     iid,

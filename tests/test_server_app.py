@@ -5,12 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from fedge.client.client_app import make_client_app
-from fedge.client.compression_mod import compression_mod
-from fedge.server.compressed_strategy import CompressedStrategy
-from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
-from fedge.server.round_metrics import RoundMetrics, read_round_metrics
-from fedge.server.server_app import STRATEGIES, ServerConfig, build_strategy, make_server_app
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -20,6 +14,13 @@ from flwr.serverapp.strategy import (
     FedYogi,
     Krum,
 )
+
+from fedge.client.client_app import make_client_app
+from fedge.client.compression_mod import compression_mod
+from fedge.server.compressed_strategy import CompressedStrategy
+from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
+from fedge.server.round_metrics import RoundMetrics, read_round_metrics
+from fedge.server.server_app import STRATEGIES, ServerConfig, build_strategy, make_server_app
 
 BASE = {"task": "digits", "num-rounds": 2, "min-train-nodes": 4, "lr": 0.1, "seed": 3}
 

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from fedge.server import store as store_mod
 from fedge.server.round_metrics import RoundMetrics
 from fedge.server.store import (

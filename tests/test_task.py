@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedge.common.datasets import load_digits
 from fedge.common.models import DigitsMLP, FedAvgCNN
 from fedge.common.task import ClientData, Task, TaskError, client_indices, resolve_task

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedge.common.codec_spec import parse_codec
 from fedge.common.errors import UpdateRejected
+from fedge.common.topk import decode_positions, encode_positions
 from fedge.common.update_codec import (
     DEFAULT_MAX_UPDATE_BYTES,
     DecodedUpdate,
@@ -62,8 +68,8 @@ def test_round_trip_keeps_metadata_and_order() -> None:
     assert (out.codec, out.is_delta, out.num_examples) == ("int8", False, 640)
     assert out.metrics == {"train-loss": 0.25, "num-examples": 640.0}
     assert out.arrays["bn.num_batches_tracked"] == 7
-    # small tensors (the bias) go dense and exact
-    assert np.array_equal(out.arrays["conv.bias"], arrays["conv.bias"])
+    # small tensors (the bias) go dense in fp16
+    assert np.array_equal(out.arrays["conv.bias"], arrays["conv.bias"].astype(np.float16))
     assert np.abs(out.arrays["fc.weight"] - arrays["fc.weight"]).max() < 0.05
     # a parsed message is accepted as well as bytes
     assert list(decode_update(update).arrays) == list(arrays)
@@ -102,11 +108,24 @@ def test_float32_scales_when_float16_cannot_hold_them() -> None:
         update, _ = encode_update({"t": x}, "int8:noef")
         q = update.tensors[0].quantized
         assert q.scale_dtype == tensor_pb2.DTYPE_FLOAT32
-        step = np.repeat(np.frombuffer(q.scales, "<f4"), 128)
+        step = np.repeat(np.frombuffer(q.scales, "<f4"), 256)
         out = decode_update(update.SerializeToString()).arrays["t"]
         assert np.all(np.abs(out - x) <= 0.5 * step + 1e-6 * np.abs(x))
     update, _ = encode_update({"t": rng.standard_normal(4096).astype(np.float32)}, "int8")
     assert update.tensors[0].quantized.scale_dtype == tensor_pb2.DTYPE_FLOAT16
+
+
+def test_fp16_clips_to_its_range_and_feeds_back_the_rest() -> None:
+    for n in (10, 100_000):  # numpy and torch conversion paths
+        x = np.full(n, 1e6, np.float32)
+        x[1::2] = -3.0
+        update, residual = encode_update({"t": x}, "fp16:small=0")
+        out = decode_update(
+            update.SerializeToString(), expected={"t": ((n,), np.dtype(np.float32))}
+        ).arrays["t"]
+        assert out.dtype == np.float32
+        assert np.all(out[0::2] == 65504.0) and np.all(out[1::2] == -3.0)
+        assert np.allclose(out + residual["t"], x)
 
 
 def test_all_zero_tensor() -> None:
@@ -135,6 +154,11 @@ def test_all_zero_tensor() -> None:
 def test_encoder_refuses_bad_input(arrays: dict, residual: dict | None, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         encode_update(arrays, "int8", residual=residual)
+
+
+def test_encoder_refuses_non_finite_metrics() -> None:
+    with pytest.raises(ValueError, match="loss"):
+        encode_update(_model(), "int8", metrics={"loss": float("nan")})
 
 
 # ---------------------------------------------------------------- rejections
@@ -284,7 +308,7 @@ def test_dense_nan_and_bad_bool() -> None:
 
 
 def test_scales_that_overflow_are_rejected() -> None:
-    update, _ = encode_update({"t": np.ones(2000, np.float32)}, "int8:small=0:noef")
+    update, _ = encode_update({"t": np.ones(2000, np.float32)}, "int8:block=128:small=0:noef")
     q = update.tensors[0].quantized
     q.scale_dtype = tensor_pb2.DTYPE_FLOAT32
     q.scales = np.full(16, 3e38, "<f4").tobytes()
@@ -382,3 +406,35 @@ def test_varint_round_trip_and_limits() -> None:
     assert encode_uvarints(np.array([300], np.uint64)) == b"\xac\x02"  # protobuf's example
     with pytest.raises(UpdateRejected):
         decode_uvarints(data, values.size, 2**40)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=2**63 - 1), max_size=200),
+)
+def test_varints_round_trip(values: list[int]) -> None:
+    arr = np.array(values, np.uint64)
+    data = encode_uvarints(arr)
+    assert np.array_equal(decode_uvarints(data, arr.size, 2**63 - 1), arr)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=10**7),
+    picks=st.lists(st.integers(min_value=0, max_value=10**7 - 1), max_size=100),
+)
+def test_positions_round_trip(n: int, picks: list[int]) -> None:
+    positions = np.unique(np.array([p % n for p in picks], np.int64))
+    data = encode_positions(positions)
+    assert np.array_equal(decode_positions(data, positions.size, n), positions)
+
+
+def test_malloc_tuning_is_idempotent_and_can_be_turned_off() -> None:
+    code = "from fedge.common.alloc import tune_malloc as t; print(t(), t())"
+    env = {**os.environ, "FEDGE_MALLOC_TUNING": "0"}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert off.stdout.split() == ["False", "False"]
+    env["FEDGE_MALLOC_TUNING"] = "1"
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    first, second = on.stdout.split()
+    assert first == second and (first == "True" or not sys.platform.startswith("linux"))

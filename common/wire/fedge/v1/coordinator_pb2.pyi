@@ -129,7 +129,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self, session_token: _Optional[str] = ..., wait_s: _Optional[float] = ..., max_chunk_bytes: _Optional[int] = ..., task_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class TaskEnvelope(_message.Message):
-    __slots__ = ("task_id", "run_id", "round", "message_type", "total_size", "sha256", "payload_format", "offset", "timeout_s", "base_model_version", "max_result_bytes")
+    __slots__ = ("task_id", "run_id", "round", "message_type", "total_size", "sha256", "payload_format", "offset", "timeout_s", "base_model_version", "max_result_bytes", "run_config_json")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class TaskEnvelope(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_RESULT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: int
     round: int
@@ -152,7 +153,8 @@ class TaskEnvelope(_message.Message):
     timeout_s: float
     base_model_version: str
     max_result_bytes: int
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., message_type: _Optional[str] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ..., payload_format: _Optional[str] = ..., offset: _Optional[int] = ..., timeout_s: _Optional[float] = ..., base_model_version: _Optional[str] = ..., max_result_bytes: _Optional[int] = ...) -> None: ...
+    run_config_json: str
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., message_type: _Optional[str] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ..., payload_format: _Optional[str] = ..., offset: _Optional[int] = ..., timeout_s: _Optional[float] = ..., base_model_version: _Optional[str] = ..., max_result_bytes: _Optional[int] = ..., run_config_json: _Optional[str] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -1,0 +1,163 @@
+"""`fedge client run`: this machine becomes an edge device of a coordinator.
+
+Only typer is imported at the top: the `fedge` command loads this module for
+every subcommand, and a device's runtime (gRPC, then Flower and torch when
+work arrives) is imported only when `run` actually runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+DEFAULT_APP = "fedge.client.client_app:app"
+MAX_CHUNK = 2 << 20  # fedge.common.chunking.MAX_CHUNK_SIZE, repeated to keep imports light
+
+client_app_cli = typer.Typer(
+    help="Run this machine as a fedge edge device.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@client_app_cli.callback()
+def client_group() -> None:
+    """Run this machine as a fedge edge device."""
+
+
+@client_app_cli.command("run")
+def run_command(
+    coordinator: str = typer.Option(..., "--coordinator", help="The coordinator's HOST:PORT."),
+    data: Path = typer.Option(
+        ..., "--data", help="The device's folder: identity, state, outbox; tasks get it as "
+        "node config 'data-dir' for local data."
+    ),
+    ca: Path | None = typer.Option(
+        None, "--ca", help="The coordinator's CA certificate (PEM), as printed by "
+        "`fedge coordinator run`. Without it, TLS checks against the system's roots."
+    ),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext gRPC (no TLS)."),
+    name: str = typer.Option("", "--name", help="Device name shown by the coordinator "
+                             "(default: host name)."),
+    partition_id: int | None = typer.Option(
+        None, "--partition-id", min=0, help="Node config 'partition-id' (built-in datasets)."
+    ),
+    num_partitions: int | None = typer.Option(
+        None, "--num-partitions", min=1, help="Node config 'num-partitions'."
+    ),
+    app: str = typer.Option(DEFAULT_APP, "--app", help="The ClientApp as module:attr; fedge's "
+                            "own runs with the compression mod, any other as is."),
+    chunk_size: int | None = typer.Option(
+        None, "--chunk-size", min=1, max=MAX_CHUNK,
+        help="Largest chunk sent or asked for, bytes (default: the coordinator's).",
+    ),
+    max_backoff: float = typer.Option(60.0, "--max-backoff", min=1.0,
+                                      help="Longest wait between reconnect attempts, s."),
+    log_level: str = typer.Option("info", "--log-level", help="debug | info | warning."),
+) -> None:
+    """Join a coordinator and train on this device's data whenever it asks, until stopped."""
+    import asyncio
+    import logging
+    import os
+    import signal
+    import socket
+    import sys
+
+    _check_options(coordinator, ca, insecure, partition_id, num_partitions, app)
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from fedge.client.device_state import DeviceFolderError
+    from fedge.client.edge_runtime import EdgeDevice, limit_heap_growth
+
+    limit_heap_growth()
+    node_config: dict[str, int | str] = {"data-dir": str(data.expanduser().resolve())}
+    if partition_id is not None:
+        node_config["partition-id"] = partition_id
+        node_config["num-partitions"] = num_partitions or 1
+    try:
+        device = EdgeDevice(
+            coordinator, data, ca_cert=ca, insecure=insecure,
+            name=name or socket.gethostname(), node_config=node_config,
+            client_app_ref=app, chunk_size=chunk_size, max_backoff=max_backoff,
+        )
+    except (OSError, ValueError, DeviceFolderError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, device.stop)
+        return await device.run()
+
+    try:
+        code = asyncio.run(serve())
+    except DeviceFolderError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    # Leave without interpreter teardown: everything the device keeps is already
+    # on disk (written atomically, fsynced), a ClientApp still training in its
+    # daemon thread is abandoned rather than raced, and tearing down torch's and
+    # Flower's thousands of modules takes seconds on a small CPU.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _check_options(
+    coordinator: str,
+    ca: Path | None,
+    insecure: bool,
+    partition_id: int | None,
+    num_partitions: int | None,
+    app: str,
+) -> None:
+    """Refuse unusable options with a one-line message (typer's usage error, no traceback)."""
+    from fedge.client.edge_session import parse_target
+
+    try:
+        parse_target(coordinator)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--coordinator") from None
+    if ca is not None and insecure:
+        raise typer.BadParameter("use either --ca or --insecure, not both", param_hint="--ca")
+    if ca is not None and not ca.is_file():
+        raise typer.BadParameter(f"CA certificate {ca} not found", param_hint="--ca")
+    if ca is not None and b"BEGIN CERTIFICATE" not in ca.read_bytes()[:1 << 20]:
+        raise typer.BadParameter(f"{ca} is not a PEM certificate", param_hint="--ca")
+    if partition_id is not None and partition_id >= (num_partitions or 1):
+        raise typer.BadParameter(
+            f"--partition-id {partition_id} needs --num-partitions above it",
+            param_hint="--partition-id",
+        )
+    if num_partitions is not None and partition_id is None:
+        raise typer.BadParameter("--num-partitions needs --partition-id",
+                                 param_hint="--num-partitions")
+    _check_app(app)
+
+
+def _check_app(app: str) -> None:
+    """The app's module must exist (found, not imported: that would load torch now)."""
+    import importlib.util
+    import os
+    import sys
+
+    module, sep, attr = app.partition(":")
+    if not module or not sep or not attr:
+        raise typer.BadParameter(f"{app!r} is not module:attr", param_hint="--app")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise typer.BadParameter(f"module {module!r} not found", param_hint="--app")
+
+
+if __name__ == "__main__":
+    client_app_cli()

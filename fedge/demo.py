@@ -1,0 +1,208 @@
+"""`fedge demo`: the README's main job, a real federation on this machine's loopback.
+
+It starts what a user would start by hand, as separate processes: one
+`fedge coordinator run` (TLS on, its own CA) and three `fedge client run`
+devices that trust that CA, on digits with int8 updates for 5 rounds. The
+coordinator's per-round lines are relayed as they come; at the end the
+rounds are read back from the coordinator's SQLite and shown as a table.
+Every process it started is stopped by pid (SIGTERM, then SIGKILL); nothing
+else is touched. Exits non-zero if any part failed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+_LISTEN = re.compile(r"^listening on (\S+):(\d+)$")
+_CA = re.compile(r"^TLS on: devices need --ca (.+)$")
+_CLI = "from fedge.cli import app; app()"
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+
+def fedge_command(*args: str) -> list[str]:
+    """The argv that runs `fedge ARGS...` with this interpreter (no PATH lookup)."""
+    return [sys.executable, "-c", _CLI, *args]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _relay(proc: _Proc, echo: bool, log_path: Path | None) -> None:
+    """Read a child's output line by line: keep it, echo it, log it."""
+    assert proc.popen.stdout is not None
+    log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
+    try:
+        for raw in proc.popen.stdout:
+            line = raw.rstrip("\n")
+            proc.lines.append(line)
+            if log is not None:
+                log.write(raw)
+                log.flush()
+            if echo:
+                print(f"  {proc.name} | {line}", flush=True)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def start(name: str, argv: list[str], *, echo: bool, log_path: Path | None) -> _Proc:
+    popen = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=child_env(),
+        start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which stops them
+    )
+    proc = _Proc(name, popen)
+    threading.Thread(target=_relay, args=(proc, echo, log_path), daemon=True).start()
+    return proc
+
+
+def stop(procs: list[_Proc], grace_s: float = 5.0) -> None:
+    """SIGTERM each process we started (by pid), then SIGKILL what is left after `grace_s`."""
+    for p in procs:
+        if p.popen.poll() is None:
+            p.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            p.popen.wait(5)
+
+
+def wait_for_line(proc: _Proc, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+    """The first output line of `proc` matching `pattern` (RuntimeError on exit or timeout)."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        while seen < len(proc.lines):
+            match = pattern.match(proc.lines[seen])
+            seen += 1
+            if match:
+                return match
+        if proc.popen.poll() is not None and seen >= len(proc.lines):
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name}: no line matching {pattern.pattern!r} in {timeout:.0f} s")
+
+
+def run_demo(out: Path, *, devices: int = 3, rounds: int = 5, timeout_s: float = 110.0) -> int:
+    """Run the demo; returns the exit code (0 when every round completed)."""
+    started = time.monotonic()
+    out = out.resolve()
+    for sub in ("coordinator", "devices", "logs"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    state = out / "coordinator"
+    print(f"fedge demo: 1 coordinator + {devices} devices on 127.0.0.1, digits, int8, "
+          f"{rounds} rounds (logs in {out / 'logs'})", flush=True)
+    procs: list[_Proc] = []
+    ok = False
+    try:
+        coordinator = start(
+            "coordinator",
+            fedge_command(
+                "coordinator", "run", "--state", str(state), "--host", "127.0.0.1",
+                "--port", "0", "--task", "digits", "--codec", "int8",
+                "--rounds", str(rounds), "--min-devices", str(devices),
+                "--min-train-nodes", str(devices), "--round-timeout", "60",
+                "--heartbeat-interval", "2",
+            ),
+            echo=True,
+            log_path=out / "logs" / "coordinator.log",
+        )
+        procs.append(coordinator)
+        ca = wait_for_line(coordinator, _CA, 60).group(1)
+        listen = wait_for_line(coordinator, _LISTEN, 60)
+        target = f"{listen.group(1)}:{listen.group(2)}"
+        for i in range(devices):
+            name = f"device-{i}"
+            procs.append(
+                start(
+                    name,
+                    fedge_command(
+                        "client", "run", "--coordinator", target, "--ca", ca,
+                        "--data", str(out / "devices" / name), "--name", name,
+                        "--partition-id", str(i), "--num-partitions", str(devices),
+                    ),
+                    echo=False,
+                    log_path=out / "logs" / f"{name}.log",
+                )
+            )
+        print(f"  started {devices} devices (pids "
+              f"{', '.join(str(p.popen.pid) for p in procs[1:])}) trusting {ca}", flush=True)
+        remaining = timeout_s - (time.monotonic() - started)
+        try:
+            code = coordinator.popen.wait(max(1.0, remaining))
+        except subprocess.TimeoutExpired:
+            print(f"fedge demo: the run did not finish within {timeout_s:.0f} s", flush=True)
+            return 1
+        failed = [p.name for p in procs[1:] if p.popen.poll() not in (None, 0)]
+        ok = code == 0 and not failed
+        if code != 0:
+            print(f"fedge demo: the coordinator exited with {code}", flush=True)
+        for name in failed:
+            print(f"fedge demo: {name} exited early (see {out / 'logs' / name}.log)", flush=True)
+    except RuntimeError as e:
+        print(f"fedge demo: {e}", flush=True)
+        return 1
+    finally:
+        stop(procs)
+    table_ok = _print_rounds(state, rounds)
+    print(f"fedge demo: {'done' if ok and table_ok else 'FAILED'} in "
+          f"{time.monotonic() - started:.1f} s; all {len(procs)} processes stopped", flush=True)
+    return 0 if ok and table_ok else 1
+
+
+def _print_rounds(state: Path, rounds: int) -> bool:
+    """Print the run's rounds from SQLite; True if all `rounds` completed."""
+    from fedge.server.store import RoundStatus, Store
+
+    db = state / "fedge.db"
+    if not db.exists():
+        return False
+    with Store.open(db) as store:
+        runs = store.list_runs()
+        if not runs:
+            return False
+        done = [r for r in store.list_rounds(runs[-1].id) if r.status == RoundStatus.COMPLETED]
+    header = f"{'round':>5}  {'accuracy':>8}  {'uplink':>10}  {'downlink':>10}  devices"
+    print(header, flush=True)
+    for r in done:
+        m = r.metrics
+        acc = "n/a" if m.accuracy is None else f"{m.accuracy:.4f}"
+        print(f"{r.round:>5}  {acc:>8}  {m.uplink_bytes:>10,}  {m.downlink_bytes:>10,}  "
+              f"{len(r.contributors)} contributed, {len(r.dropped)} dropped", flush=True)
+    return len(done) == rounds
+
+
+def demo_command(
+    out: Path = typer.Option(Path("fedge-out/demo"), help="Folder for state and logs."),
+) -> None:
+    """The main job: a coordinator and 3 devices on loopback (TLS, digits, int8, 5 rounds)."""
+    code = run_demo(out)
+    if code:
+        raise typer.Exit(code)

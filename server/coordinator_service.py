@@ -1,0 +1,508 @@
+"""The `fedge.v1.Coordinator` gRPC servicer (grpc.aio): sessions, task streams, result uploads.
+
+docs/coordinator.md is the contract: RPC shapes, the status code of every
+refusal, the upload state machine and how transfers resume. In short:
+
+- Every call but `Join` names a session; `identify` is the one function that
+  binds a call to a device (issue 5 adds the client certificate there).
+- `PullTask` long-polls the device's queue in the `Fleet` and streams the
+  task (a Flower message) as a header and chunks; `task_id` + `offset`
+  resume a broken download.
+- `PushResult` writes a result to `<uploads>/<task_id>.part` through a
+  `FileAssembler`, records the bytes durably held, verifies the hash, checks
+  that the payload is a Flower reply to this very task, and only then counts
+  it (`store.complete_result`, inside `Fleet.complete`): once, and only while
+  the task's round is open.
+- `FetchModel` streams a global model snapshot from the model store.
+
+A refusal never changes the global model or stops the server: it is a status
+the device acts on, and the coordinator serves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from fedge.common.chunking import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    STATUS_BY_REASON,
+    ChunkError,
+    FileAssembler,
+    check_chunk_size,
+    is_sha256_hex,
+    iter_file_chunks,
+)
+from fedge.common.snapshot import PAYLOAD_FORMAT as MODEL_FORMAT
+from fedge.server import flower_compat as fc
+from fedge.server.fleet import DeviceEntry, Fleet, TaskPayload
+from fedge.server.model_store import ModelStore
+from fedge.server.store import DeviceStatus, ResultStatus, Store, TaskState
+from fedge.v1 import coordinator_pb2 as pb
+from fedge.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MESSAGE_FORMAT = "flwr.proto.Message"
+DEFAULT_MAX_RESULT_BYTES = 256 << 20
+"""256 MiB: the largest result payload accepted unless configured otherwise."""
+
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Knobs of the service; the defaults suit a LAN of small devices."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    max_wait_s: float = 30.0  # longest long poll
+    flush_every: int = 4 << 20  # make upload progress durable every this many bytes
+
+    def __post_init__(self) -> None:
+        check_chunk_size(self.chunk_size)
+        if self.max_result_bytes <= 0:
+            raise ValueError("max_result_bytes must be positive")
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """The servicer; `model_version()` names the current global model ("" if none)."""
+
+    def __init__(
+        self,
+        store: Store,
+        fleet: Fleet,
+        models: ModelStore,
+        uploads_dir: str | os.PathLike[str],
+        *,
+        settings: ServiceSettings | None = None,
+        model_version: Callable[[], str] = lambda: "",
+    ) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.models = models
+        self.uploads = Path(uploads_dir)
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        self.settings = settings or ServiceSettings()
+        self.model_version = model_version
+        self._uploading: set[str] = set()
+
+    # ------------------------------------------------------------ identity
+
+    async def identify(self, token: str, context: grpc.aio.ServicerContext) -> DeviceEntry:
+        """The device this call speaks for; UNAUTHENTICATED if the session is unknown.
+
+        The one place a call is bound to a device: issue 5 adds the mTLS
+        client certificate here (`context.auth_context()["x509_common_name"]`
+        must name the session's device) and PERMISSION_DENIED for revoked ones.
+        """
+        entry = self.fleet.authenticate(token)
+        if entry is None:
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "unknown session; Join again")
+        return entry
+
+    # ------------------------------------------------------------ sessions
+
+    async def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinReply:
+        device_id = request.device_id or None
+        if device_id is not None and not _DEVICE_ID.fullmatch(device_id):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed device_id")
+        if device_id is not None:
+            known = self.store.get_device(device_id)
+            if known is not None and known.status == DeviceStatus.REVOKED:
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "device revoked")
+        caps = MessageToDict(request.capabilities, preserving_proto_field_name=True)
+        caps["dataset"] = request.data.dataset
+        device = self.store.register_device(
+            request.device_name[:128] or "device",
+            device_id=device_id,
+            capabilities=caps,
+            num_examples=int(request.data.num_train_examples),
+        )
+        entry = self.fleet.join(
+            device.id,
+            device.node_id,
+            device.name,
+            inference_only=request.capabilities.inference_only,
+        )
+        log.info("device %s (%s) joined as node %d", device.id, device.name, device.node_id)
+        return pb.JoinReply(
+            device_id=device.id,
+            node_id=device.node_id,
+            session_token=entry.token,
+            heartbeat_interval_s=self.fleet.heartbeat_interval_s,
+            chunk_size=self.settings.chunk_size,
+            max_result_bytes=self.settings.max_result_bytes,
+            model_version=self.model_version(),
+            protocol_version=PROTOCOL_VERSION,
+        )
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatReply:
+        entry = await self.identify(request.session_token, context)
+        cancelled = False
+        if request.task_id:
+            live = self.fleet.task(request.task_id)
+            if live is None or live.device_id != entry.device_id:
+                row = self.store.get_task(request.task_id)
+                cancelled = row is None or row.state in (TaskState.EXPIRED, TaskState.FAILED)
+        return pb.HeartbeatReply(
+            heartbeat_interval_s=self.fleet.heartbeat_interval_s,
+            task_available=self.fleet.has_task(entry),
+            model_version=self.model_version(),
+            task_cancelled=cancelled,
+        )
+
+    # ------------------------------------------------------------ tasks
+
+    async def PullTask(
+        self, request: pb.PullTaskRequest, context: Any
+    ) -> AsyncIterator[pb.TaskChunk]:
+        entry = await self.identify(request.session_token, context)
+        chunk = self._chunk_size(request.max_chunk_bytes)
+        offset = 0
+        if request.task_id:
+            task = self.fleet.task(request.task_id)
+            if task is None or task.device_id != entry.device_id:
+                await self._refuse_unknown_task(request.task_id, entry, context)
+            if request.offset > task.total_size:
+                await _abort(
+                    context,
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"offset {request.offset} past the task's {task.total_size} bytes",
+                )
+            offset = int(request.offset)
+        else:
+            wait = min(max(request.wait_s, 0.0), self.settings.max_wait_s)
+            task = await self.fleet.wait_for_task(entry, wait)
+            if task is None:
+                return
+        if not task.delivered:
+            task.delivered = True
+            self.store.set_task_state(
+                task.task_id, TaskState.DELIVERED, only_from=(TaskState.QUEUED,)
+            )
+        yield pb.TaskChunk(
+            header=pb.TaskEnvelope(
+                task_id=task.task_id,
+                run_id=task.run_id,
+                round=task.round,
+                message_type=task.message_type,
+                total_size=task.total_size,
+                sha256=task.sha256,
+                payload_format=MESSAGE_FORMAT,
+                offset=offset,
+                timeout_s=max(0.0, task.deadline - self.fleet.now()),
+                base_model_version=task.base_model_version,
+                max_result_bytes=self.settings.max_result_bytes,
+                run_config_json=task.run_config_json,
+            )
+        )
+        for off, data in task.iter_chunks(chunk, offset):
+            yield pb.TaskChunk(data=pb.Chunk(offset=off, data=data))
+
+    async def _refuse_unknown_task(
+        self, task_id: str, entry: DeviceEntry, context: Any
+    ) -> NoReturn:
+        row = self.store.get_task(task_id) if _TASK_ID.fullmatch(task_id) else None
+        if row is None or row.device_id != entry.device_id:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "unknown task")
+        await _abort(
+            context, grpc.StatusCode.FAILED_PRECONDITION, f"task is {row.state.value}"
+        )
+
+    # ------------------------------------------------------------ results
+
+    async def PushResult(
+        self, request_iterator: AsyncIterator[pb.ResultChunk], context: Any
+    ) -> pb.PushResultReply:
+        stream = request_iterator.__aiter__()
+        first = await anext(stream, None)
+        if first is None or first.WhichOneof("part") != "header":
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "stream must start with a header"
+            )
+        header = first.header
+        entry = await self.identify(header.session_token, context)
+        task_id = header.task_id
+        row = self.store.get_task(task_id) if _TASK_ID.fullmatch(task_id) else None
+        if row is None or row.device_id != entry.device_id:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "unknown task")
+        if header.run_id != row.run_id or header.round != row.round:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"header names run {header.run_id} round {header.round}; the task is "
+                f"run {row.run_id} round {row.round}",
+            )
+        if header.payload_format not in ("", MESSAGE_FORMAT):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "unknown payload_format")
+        result = self.store.get_result(task_id)
+        if result is not None and result.status == ResultStatus.COMPLETE:
+            return pb.PushResultReply(accepted=True, offset=result.total_size, duplicate=True)
+        if result is not None and result.status == ResultStatus.REJECTED:
+            await _abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, f"result rejected: {result.reason}"
+            )
+        live = self.fleet.task(task_id)
+        if live is None or live.deadline < self.fleet.now():
+            await _abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "round closed or task expired"
+            )
+        if task_id in self._uploading:
+            await _abort(context, grpc.StatusCode.ABORTED, "another upload of this task is open")
+        self._uploading.add(task_id)
+        try:
+            return await self._receive(task_id, header, stream, entry, context)
+        finally:
+            self._uploading.discard(task_id)
+
+    async def _receive(
+        self,
+        task_id: str,
+        header: pb.ResultHeader,
+        stream: AsyncIterator[pb.ResultChunk],
+        entry: DeviceEntry,
+        context: Any,
+    ) -> pb.PushResultReply:
+        cap = self.settings.max_result_bytes
+        path = self.uploads / f"{task_id}.part"
+        try:  # before any row or file exists
+            _check_result_header(header.total_size, header.sha256, cap)
+        except ChunkError as e:
+            await _abort_chunk(context, e)
+        row = self.store.begin_result(
+            task_id, total_size=int(header.total_size), sha256=header.sha256, path=str(path)
+        )
+        try:
+            asm = FileAssembler.open(
+                path,
+                int(header.total_size),
+                header.sha256,
+                max_total=cap,
+                held=row.bytes_received,
+                max_chunk=MAX_CHUNK_SIZE,
+            )
+        except ChunkError as e:
+            await _abort_chunk(context, e)
+        durable = asm.offset
+        finished = False
+        try:
+            if header.offset != asm.offset:
+                await _abort(
+                    context,
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"header offset {header.offset}; {asm.offset} bytes held",
+                )
+            async for msg in stream:
+                if msg.WhichOneof("part") != "data":
+                    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "header twice")
+                try:
+                    asm.add(msg.data.offset, msg.data.data)
+                except ChunkError as e:
+                    await _abort_chunk(context, e)
+                if asm.offset - durable >= self.settings.flush_every:
+                    durable = asm.flush()
+                    self.store.record_progress(task_id, durable)
+            if not asm.complete:
+                await _abort(
+                    context,
+                    grpc.StatusCode.ABORTED,
+                    f"stream ended at {asm.offset} of {asm.total_size} bytes; resume there",
+                )
+            finished = True
+        finally:
+            if not finished:
+                with _quiet():
+                    held = asm.flush()
+                    if held != durable:
+                        self.store.record_progress(task_id, held)
+                asm.close()
+        outcome, detail = await asyncio.to_thread(self._finish, asm, entry)
+        if outcome == "accepted":
+            return pb.PushResultReply(accepted=True, offset=asm.total_size)
+        if outcome == "duplicate":
+            return pb.PushResultReply(accepted=True, offset=asm.total_size, duplicate=True)
+        await _abort(context, _FINISH_STATUS[outcome], detail)
+
+    def _finish(self, asm: FileAssembler, entry: DeviceEntry) -> tuple[str, str]:
+        """Verify, validate and count a whole upload (in a worker thread: it hashes and parses)."""
+        task_id = asm.path.stem
+        try:
+            path = asm.finish_to_path()
+        except ChunkError as e:
+            if e.reason == "hash_mismatch":
+                asm.path.unlink(missing_ok=True)
+                self.store.record_progress(task_id, 0)
+                return "hash_mismatch", f"{e.detail}; send again from offset 0"
+            self.store.record_progress(task_id, asm.offset)
+            return "incomplete", str(e)
+        self.store.record_progress(task_id, asm.total_size)
+        task = self.fleet.task(task_id)
+        reason = _invalid_reply(path, task_id, entry, task)
+        if reason is not None:
+            path.unlink(missing_ok=True)
+            self.store.reject_result(task_id, reason)
+            self.fleet.drop(task_id)
+            log.warning("result of task %s rejected (%s)", task_id, reason)
+            return "invalid", f"result rejected: {reason}"
+        outcome = self.fleet.complete(task_id, path, self.store.complete_result)
+        if outcome == "closed":
+            path.unlink(missing_ok=True)
+            self.store.reject_result(task_id, "round_closed")
+            return "closed", "round closed or task expired"
+        if outcome == "duplicate":
+            path.unlink(missing_ok=True)
+        return outcome, ""
+
+    async def GetUploadOffset(
+        self, request: pb.GetUploadOffsetRequest, context: Any
+    ) -> pb.GetUploadOffsetReply:
+        entry = await self.identify(request.session_token, context)
+        task_id = request.task_id
+        row = self.store.get_task(task_id) if _TASK_ID.fullmatch(task_id) else None
+        if row is None or row.device_id != entry.device_id:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "unknown task")
+        result = self.store.get_result(task_id)
+        if result is not None and result.status == ResultStatus.COMPLETE:
+            return pb.GetUploadOffsetReply(
+                offset=result.total_size,
+                total_size=result.total_size,
+                sha256=result.sha256,
+                complete=True,
+            )
+        if result is not None and result.status == ResultStatus.REJECTED:
+            await _abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, f"result rejected: {result.reason}"
+            )
+        if self.fleet.task(task_id) is None:
+            await _abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "round closed or task expired"
+            )
+        if result is None:
+            return pb.GetUploadOffsetReply()
+        return pb.GetUploadOffsetReply(
+            offset=result.bytes_received, total_size=result.total_size, sha256=result.sha256
+        )
+
+    # ------------------------------------------------------------ models
+
+    async def FetchModel(
+        self, request: pb.FetchModelRequest, context: Any
+    ) -> AsyncIterator[pb.ModelChunk]:
+        await self.identify(request.session_token, context)
+        version = request.version or self.model_version()
+        if not version:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "no global model yet")
+        if not is_sha256_hex(version):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed model version")
+        info = self.store.get_model(version)
+        run_id, rnd = (info.run_id or 0, info.round) if info is not None else (0, 0)
+        if request.if_none_match and request.if_none_match == version:
+            yield pb.ModelChunk(
+                header=pb.ModelHeader(
+                    version=version, sha256=version, run_id=run_id, round=rnd,
+                    not_modified=True, payload_format=MODEL_FORMAT,
+                )
+            )
+            return
+        path = self.models.path(version)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "unknown model version")
+        if request.offset > size:
+            await _abort(
+                context, grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} past {size} bytes"
+            )
+        yield pb.ModelChunk(
+            header=pb.ModelHeader(
+                version=version, total_size=size, sha256=version, run_id=run_id, round=rnd,
+                offset=request.offset, payload_format=MODEL_FORMAT,
+            )
+        )
+        chunk = self._chunk_size(request.max_chunk_bytes)
+        for off, data in iter_file_chunks(path, chunk, start=int(request.offset)):
+            yield pb.ModelChunk(data=pb.Chunk(offset=off, data=data))
+
+    # ------------------------------------------------------------ plumbing
+
+    def _chunk_size(self, asked: int) -> int:
+        return min(asked or self.settings.chunk_size, self.settings.chunk_size, MAX_CHUNK_SIZE)
+
+    async def flush_last_seen(self, interval_s: float = 5.0) -> None:
+        """Forever: write devices' `last_seen` to the store in one commit per interval."""
+        while True:
+            await asyncio.sleep(interval_s)
+            touched = self.fleet.take_touched()
+            if touched:
+                with _quiet():
+                    self.store.touch_devices(touched)
+
+
+_FINISH_STATUS = {
+    "hash_mismatch": grpc.StatusCode.DATA_LOSS,
+    "incomplete": grpc.StatusCode.ABORTED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "closed": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _check_result_header(total_size: int, sha256: str, cap: int) -> None:
+    if not is_sha256_hex(sha256):
+        raise ChunkError("bad_header", "sha256 must be 64 lowercase hex digits")
+    if total_size > cap:
+        raise ChunkError("over_cap", f"total size {total_size} > cap {cap}")
+
+
+def _invalid_reply(
+    path: Path, task_id: str, entry: DeviceEntry, task: TaskPayload | None
+) -> str | None:
+    """Why the payload is not a Flower reply to `task_id` from this device, or None."""
+    try:
+        reply = fc.message_from_bytes(path.read_bytes())
+    except Exception as e:  # protobuf and Flower raise several types for garbage
+        return f"malformed: not a Flower message ({type(e).__name__})"
+    md = reply.metadata
+    if md.reply_to_message_id != task_id:
+        return "not_a_reply: reply_to_message_id does not name this task"
+    if md.src_node_id != entry.node_id:
+        return "wrong_node: src_node_id is not this device's node id"
+    if task is not None and md.run_id != task.run_id:
+        return f"wrong_run: the reply names run {md.run_id}"
+    if task is not None and md.message_type != task.message_type:
+        return f"wrong_type: {md.message_type!r} answers a {task.message_type!r} task"
+    return None
+
+
+async def _abort(context: Any, code: grpc.StatusCode, detail: str) -> NoReturn:
+    await context.abort(code, detail)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+async def _abort_chunk(context: Any, err: ChunkError) -> NoReturn:
+    await _abort(context, grpc.StatusCode[STATUS_BY_REASON[err.reason]], str(err))
+
+
+class _quiet:
+    """Log and swallow errors in cleanup paths (the primary error matters more)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is not None and isinstance(exc, Exception):
+            log.warning("cleanup failed: %s", exc)
+            return True
+        return False
