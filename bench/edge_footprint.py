@@ -120,6 +120,8 @@ def edge_footprint(
         result["waiting_rss_mib"] <= IDLE_LIMIT_MIB
         and result["training_peak_rss_mib"] <= TRAIN_LIMIT_MIB
     )
+    peaks = [v for k, v in result.items() if k.startswith("round_") and k.endswith("peak_rss_mib")]
+    result["ok_later_rounds"] = all(p <= TRAIN_LIMIT_MIB for p in peaks)
     if bare_torch:
         result["bare_torch_loop_peak_rss_mib"] = bare_torch_peak_rss_mib(timeout_s=timeout_s)
     return result

@@ -208,6 +208,7 @@ class EdgeDevice:
         self._join_lock = asyncio.Lock()
         self._serve_task: asyncio.Task | None = None
         self._stopping = False
+        self._revoked = False
         self._joined = asyncio.Event()
         self._progress: dict[str, _Progress] = {}
 
@@ -259,6 +260,8 @@ class EdgeDevice:
                 return EXIT_OK
             self._serve_task = asyncio.create_task(self._serve())
             await asyncio.wait({self._serve_task})
+            if self._revoked:
+                return EXIT_REVOKED
             if self._serve_task.cancelled():
                 log.info("stopped")
                 return EXIT_OK
@@ -314,6 +317,12 @@ class EdgeDevice:
                 level = logging.WARNING if self.backoff.failures == 1 else logging.INFO
                 log.log(level, "coordinator unreachable (%s); retrying in %.1f s", why, delay)
                 await asyncio.sleep(delay)
+            except DeviceRevoked:
+                raise
+            except Exception:  # a long-lived device outlives a bug in one step
+                delay = self.backoff.next_delay()
+                log.exception("unexpected error; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
 
     async def _join(self, stale_token: str | None) -> None:
         """Join (or re-join after `stale_token` was refused), once even if asked twice."""
@@ -360,6 +369,11 @@ class EdgeDevice:
             except (LinkDown, grpc.aio.AioRpcError) as e:
                 log.debug("heartbeat failed (%s)", e)
                 continue
+            except DeviceRevoked as e:
+                log.error("the coordinator revoked this device (%s); stopping", e)
+                self._revoked = True
+                self.stop()
+                return
             if reply.heartbeat_interval_s > 0:
                 session.heartbeat_interval_s = reply.heartbeat_interval_s
             if reply.task_cancelled and task_id and self._state[1] == task_id:

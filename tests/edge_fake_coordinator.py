@@ -74,6 +74,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self.stall_after: dict[str, int] = {}
         self.break_download_after: dict[str, int] = {}
         self.stalled: set[str] = set()
+        self.revoked: set[str] = set()
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -149,6 +150,8 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         device = self.sessions.get(token)
         if device is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown session; join again")
+        if device in self.revoked:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "device revoked")
         return device
 
     async def _task_of(
@@ -164,6 +167,8 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
     async def Join(self, request, context):
         self.join_requests.append(request)
         device = request.device_id or uuid.uuid4().hex
+        if device in self.revoked:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "device revoked")
         node_id = self.devices.setdefault(device, random.randrange(2, 1 << 63))
         token = secrets.token_hex(16)
         self.sessions[token] = device

@@ -104,6 +104,16 @@ def _spy_train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(local), "metrics": metrics}), reply_to=msg)
 
 
+slow_app = ClientApp()
+"""Trains for a long time (a few seconds): a stop must not wait for it."""
+
+
+@slow_app.train()
+def _slow_train(msg: Message, context: Context) -> Message:
+    time.sleep(4)
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+
 # -------------------------------------------------------------------- helpers
 
 
@@ -377,6 +387,29 @@ async def test_result_for_a_closed_round_is_dropped(fake, tmp_path) -> None:
     assert tid not in fake.results
     assert device.completed[-1].outcome.startswith("dropped")
     assert device.folder.outbox() == []
+
+
+async def test_stop_during_training_abandons_the_task_at_once(fake, tmp_path) -> None:
+    ref = "test_edge_runtime:slow_app"
+    device = make_device(fake.address, tmp_path / "dev", client_app_ref=ref)
+    task = asyncio.create_task(device.run())
+    session = await asyncio.wait_for(device.wait_joined(), 10)
+    fake.add_task(device.identity.device_id, train_payload(session.node_id), run_id=11, round_=1)
+    # heartbeats go on while it trains, saying so (DEVICE_STATE_WORKING)
+    await fake.wait_until(lambda: any(h.state == 2 for h in fake.heartbeats), 10)
+    assert device.worker_busy
+    started = time.monotonic()
+    device.stop()
+    assert await asyncio.wait_for(task, 5) == 0
+    assert time.monotonic() - started < 1.0 and device.worker_busy  # not waited for
+
+
+async def test_revoked_device_stops_with_exit_code_3(fake, tmp_path) -> None:
+    device = make_device(fake.address, tmp_path / "dev")
+    task = asyncio.create_task(device.run())
+    await asyncio.wait_for(device.wait_joined(), 10)
+    fake.revoked.add(device.identity.device_id)
+    assert await asyncio.wait_for(task, 10) == 3
 
 
 async def test_tls_is_the_default(fake, tmp_path) -> None:
