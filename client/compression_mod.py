@@ -31,6 +31,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from fedge.client.downlink_cache import is_downlink, with_downlink
 from fedge.common.codec_spec import parse_codec
 from fedge.common.update_array import UPDATE_KEY, pack_update
 from fedge.common.update_codec import encode_update
@@ -153,7 +154,9 @@ def make_compression_mod(
             return call_next(message, context)
         cfg = _config(message)
         spec = str(cfg.get(CODEC_KEY, default_codec or "") or "").strip()
-        if not spec or not parse_codec(spec).lossy:
+        # a model that came as a downlink delta: reply with an exact delta even for `none`,
+        # so the server adds it to the exact global model (docs/compression.md)
+        if not spec or (not parse_codec(spec).lossy and not is_downlink(message)):
             return call_next(message, context)  # `none`: full weights, as a stock client
 
         global_ = incoming_global(message)
@@ -195,7 +198,7 @@ def make_compression_mod(
         reply.content[array_key] = ArrayRecord({UPDATE_KEY: packed})
         return reply
 
-    return compression_mod
+    return with_downlink(compression_mod)  # rebuilds downlink deltas first (downlink_cache)
 
 
 #: The mod with no default codec: it compresses only when the server asks (`fedge.codec`).

@@ -220,7 +220,11 @@ class EdgeDevice:
         return self._worker.busy
 
     def stop(self) -> None:
-        """Stop soon: cancel what the device is waiting on. Safe from a signal handler."""
+        """Stop soon: cancel what the device is waiting on.
+
+        Call it on the event loop's thread; a handler from `loop.add_signal_handler`
+        (as `fedge client run` installs for SIGTERM/SIGINT) is fine.
+        """
         self._stopping = True
         if self._serve_task is not None and not self._serve_task.done():
             self._serve_task.cancel()
@@ -311,7 +315,7 @@ class EdgeDevice:
             except (LinkDown, grpc.aio.AioRpcError) as e:
                 delay = self.backoff.next_delay()
                 why = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
-                if "CERTIFICATE_VERIFY_FAILED" in why or "handshake" in why.lower():
+                if "CERTIFICATE_VERIFY_FAILED" in why:
                     why += " -- is --ca the coordinator's ca.pem?"
                 # the first failure of a streak is worth a warning, the retries are not
                 level = logging.WARNING if self.backoff.failures == 1 else logging.INFO

@@ -233,7 +233,7 @@ def parse_model_file(
 ) -> ModelFile:
     """Verify and decode export bytes; every failure is a `ModelFileError`.
 
-    Order of checks: size cap, protobuf parse, tensors hash, content hash (so
+    Order of checks: size cap, protobuf parse and canonical size, tensors hash, content hash (so
     nothing below trusts an unverified byte), metadata, then the codec's own
     per-tensor validation (lengths against bytes present, scales, bits).
     """
@@ -246,6 +246,12 @@ def parse_model_file(
         snap = snapshot_pb2.ModelSnapshot.FromString(bytes(data))
     except (DecodeError, ValueError, RuntimeError) as e:
         raise ModelFileError("malformed", f"not a fedge model file (protobuf: {e})") from None
+    # Fields this reader does not know, repeated fields or padded encodings would
+    # pass the hashes (they hash what was understood): the file must be exactly
+    # its canonical encoding's size once unknown fields are dropped.
+    snap.DiscardUnknownFields()
+    if snap.ByteSize() != size:
+        raise ModelFileError("malformed", "unknown, repeated or non-canonical fields in the file")
     meta = dict(snap.metadata)
     if meta.get(K_FILE_FORMAT) != FILE_FORMAT:
         if K_FILE_FORMAT in meta:
@@ -348,8 +354,10 @@ def _parse_labels(text: str) -> tuple[str, ...]:
         raw = json.loads(text)
     except (ValueError, RecursionError):
         raise ModelFileError("bad_metadata", f"{K_LABELS!r} is not JSON") from None
-    if not isinstance(raw, list) or len(raw) > MAX_LABELS or not all(
-        isinstance(x, str) for x in raw
+    if (
+        not isinstance(raw, list)
+        or len(raw) > MAX_LABELS
+        or not all(isinstance(x, str) for x in raw)
     ):
         raise ModelFileError("bad_metadata", f"{K_LABELS!r} is not a list of strings")
     return tuple(raw)

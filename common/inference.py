@@ -123,14 +123,19 @@ def prepare_inputs(x: Any, input_shape: Sequence[int]) -> np.ndarray:
     except (ValueError, TypeError, RecursionError, np.exceptions.VisibleDeprecationWarning):
         raise InputError(f"inputs are ragged or not numbers; expected {want}") from None
     if a.dtype.kind not in "fiu":
-        what = {"b": "booleans", "U": "strings", "S": "bytes", "O": "non-numbers (null, "
-                "mixed or ragged lists)"}.get(a.dtype.kind, f"dtype {a.dtype}")
+        what = {
+            "b": "booleans",
+            "U": "strings",
+            "S": "bytes",
+            "O": "non-numbers (null, mixed or ragged lists)",
+        }.get(a.dtype.kind, f"dtype {a.dtype}")
         raise InputError(f"inputs must be numbers, got {what}; expected {want}")
     if a.shape == shape:
         a = a[None]
     if a.shape[1:] != shape or a.ndim != len(shape) + 1:
         raise InputError(f"inputs have shape {list(a.shape)}; expected {want}")
-    out = np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32 becomes Inf, refused just below
+        out = np.ascontiguousarray(a, dtype=np.float32)
     if not np.isfinite(out).all():
         raise InputError("inputs hold NaN, Inf or values beyond float32")
     return out
@@ -190,8 +195,9 @@ def _load_weights(model: nn.Module, arrays: dict[str, np.ndarray]) -> nn.Module:
     missing = [k for k in state if k not in arrays]
     unexpected = [k for k in arrays if k not in state]
     if missing or unexpected:
-        raise ValueError(f"weights do not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     new_state = {}
     for name, ref in state.items():
         a = arrays[name]
@@ -261,7 +267,9 @@ def _int8_linear(model: nn.Module, mf: ModelFile) -> int:
                     0,
                 )
                 layer = nnqd.Linear(
-                    module.in_features, module.out_features, dtype=torch.qint8,
+                    module.in_features,
+                    module.out_features,
+                    dtype=torch.qint8,
                     bias_=module.bias is not None,
                 )
                 bias = None if module.bias is None else module.bias.detach().clone()
@@ -284,4 +292,3 @@ def weight_bytes(model: nn.Module) -> int:
         elif isinstance(t, tuple):  # packed dynamic Linear params: (weight, bias)
             total += sum(x.numel() * x.element_size() for x in t if isinstance(x, torch.Tensor))
     return total
-

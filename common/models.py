@@ -64,9 +64,34 @@ class FedAvgCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(self.flatten(x))))
 
 
+class CharLSTM(nn.Module):
+    """LEAF's Shakespeare model: embedding 8 -> 2-layer LSTM -> linear on the last step.
+
+    Input: a batch of character indices [N, seq] (any dtype; cast to long), output:
+    logits over the next character. With LEAF's 256 hidden units and 80 characters
+    it has 819,920 parameters; the `shakespeare` task uses 128 (213,712), 4x cheaper
+    on a CPU (common/shakespeare_task.py says why).
+    """
+
+    def __init__(
+        self, vocab_size: int = 80, embed_dim: int = 8, hidden: int = 256, layers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        with _seeded(seed):
+            self.embed = nn.Embedding(vocab_size, embed_dim)
+            self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True)
+            self.fc = nn.Linear(hidden, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(x.long()))
+        return self.fc(out[:, -1])
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits-mlp": DigitsMLP,
     "fedavg-cnn": FedAvgCNN,
+    "char-lstm": CharLSTM,
 }
 
 

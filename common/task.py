@@ -284,7 +284,12 @@ FASHION_MNIST = Task(
     train_defaults={"lr": 0.05, "local-epochs": 1, "batch-size": 32},
 )
 
-BUILTIN_TASKS: dict[str, Task] = {"digits": DIGITS, "fashion-mnist": FASHION_MNIST}
+# here, not at the top: shakespeare_task builds its Task from this module's classes
+from fedge.common.shakespeare_task import SHAKESPEARE  # noqa: E402
+
+BUILTIN_TASKS: dict[str, Task] = {
+    "digits": DIGITS, "fashion-mnist": FASHION_MNIST, "shakespeare": SHAKESPEARE,
+}
 _ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist"}
 
 

@@ -10,9 +10,11 @@ import typer
 
 from fedge.client.cli import client_app_cli
 from fedge.client.enroll_cli import enroll_command
+from fedge.client.predict_cli import predict_command
 from fedge.demo import demo_command
 from fedge.server.cli import run_command as coordinator_run_command
 from fedge.server.devices_cli import devices_app, token_app
+from fedge.server.models_cli import export_command, models_app
 from fedge.simulations.cli import simulate_command
 
 app = typer.Typer(
@@ -30,6 +32,9 @@ coordinator_app = typer.Typer(help="The coordinator devices connect to.", no_arg
 coordinator_app.command("run")(coordinator_run_command)
 coordinator_app.add_typer(token_app, name="token")
 coordinator_app.add_typer(devices_app, name="devices")
+coordinator_app.add_typer(models_app, name="models")
+app.command("export")(export_command)
+app.command("predict")(predict_command)
 app.command("enroll")(enroll_command)
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(client_app_cli, name="client")
@@ -84,3 +89,19 @@ def bench_transport(
     from fedge.bench.transport_bench import main
 
     main(json_output=json_output, devices=devices, pushes=pushes, idle=idle, edge=edge)
+
+
+@bench_app.command("inference")
+def bench_inference(
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object and nothing else."
+    ),
+    cache: bool = typer.Option(
+        True, "--cache/--no-cache", help="Reuse the trained CNN from the temp folder."
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+) -> None:
+    """Export sizes, accuracy and batch-1/64 CPU latency of fp32, fp16, int8 and int4."""
+    from fedge.bench.inference_bench import main
+
+    main(json_output=json_output, cache=cache, threads=threads)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +42,10 @@ def fedge_command(*args: str) -> list[str]:
     return [sys.executable, "-c", _CLI, *args]
 
 
-def child_env() -> dict[str, str]:
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.update(extra or {})
     return env
 
 
@@ -65,13 +67,21 @@ def _relay(proc: _Proc, echo: bool, log_path: Path | None) -> None:
             log.close()
 
 
-def start(name: str, argv: list[str], *, echo: bool, log_path: Path | None) -> _Proc:
+def start(
+    name: str,
+    argv: list[str],
+    *,
+    echo: bool,
+    log_path: Path | None,
+    env: Mapping[str, str] | None = None,
+) -> _Proc:
+    """Start a child process whose output is relayed (echoed, logged, kept) line by line."""
     popen = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=child_env(),
+        env=child_env(env),
         start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which stops them
     )
     proc = _Proc(name, popen)

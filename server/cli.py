@@ -69,7 +69,9 @@ def run_command(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    flwr_log = logging.getLogger("flwr")  # has its own handler: do not print twice
+    flwr_log.propagate = False
+    flwr_log.setLevel(logging.INFO if verbose else logging.ERROR)
     config: dict[str, Any] = {
         "task": task,
         "codec": codec,

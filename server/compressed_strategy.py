@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedge.common.codec_spec import parse_codec
 from fedge.common.errors import UpdateRejected
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
+from fedge.server.downlink import DownlinkCompressor
 from fedge.server.reply_decoder import (
     DecodedReply,
     Layout,
@@ -110,11 +111,13 @@ class CompressedStrategy(Strategy):
         max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
         run_id: str = "",
         streaming: bool | None = None,
+        downlink: DownlinkCompressor | None = None,
     ) -> None:
         self.strategy = strategy
         self.codec = codec
         self.max_update_bytes = int(max_update_bytes)
         self.run_id = run_id
+        self.downlink = downlink  # compressed downlink (server/downlink.py); None: plain
         self.streaming = uses_fedavg_mean(strategy) if streaming is None else streaming
         if self.streaming and not isinstance(strategy, FedAvg):
             raise ValueError("streaming aggregation needs a FedAvg-type strategy")
@@ -143,8 +146,10 @@ class CompressedStrategy(Strategy):
         return str(getattr(self.strategy, "weighted_by_key", "num-examples"))
 
     def _prepare_downlink(self, messages: list[Message]) -> list[Message]:
-        """Seam for compressing the global model on the way down (a later issue)."""
-        return messages
+        """Compress the global model on the way down when a `downlink` is set."""
+        if self.downlink is None:
+            return messages
+        return self.downlink.prepare(messages, self._global, self._version)
 
     # ------------------------------------------------------------ Strategy API
 
@@ -195,6 +200,8 @@ class CompressedStrategy(Strategy):
         """Decode replies one by one; stream them into a mean or hand them on decoded."""
         if not self._layout:
             raise RuntimeError("aggregate_train before configure_train: no global model known")
+        if self.downlink is not None:
+            replies = self.downlink.observe(replies)  # learns which model each device holds
         accepted = self._accepted(server_round, replies)
         if self.streaming:
             arrays, metrics = self._aggregate_streaming(accepted)

@@ -210,13 +210,14 @@ class Coordinator:
         from fedge.common.task import resolve_task
 
         assert self.store is not None and self.models is not None
-        task = resolve_task(str(config.get("task", "digits")))
+        task_ref = str(config.get("task", "digits"))
+        task = resolve_task(task_ref)
         while True:
             run_id = secrets.randbits(63)
             if run_id > 0 and self.store.get_run(run_id) is None:
                 break
         version = self.models.put(
-            _snapshot_bytes(model_to_arrays(task.make_model()), task.name, run_id, 0)
+            _snapshot_bytes(model_to_arrays(task.make_model()), task_ref)
         )
         return self.store.create_run(run_id, config, model_version=version)
 
@@ -318,7 +319,7 @@ class Coordinator:
         self.grid.end_round(server_round)
         arrays = {k: a.numpy() for k, a in end.arrays.items()}
         task = str(self.run_config.get("task", "digits"))
-        version = self.models.put(_snapshot_bytes(arrays, task, self.run_id, server_round))
+        version = self.models.put(_snapshot_bytes(arrays, task))
         contributors = [d for d in map(self.grid.device_of_node, end.accepted_nodes) if d]
         dropped = [d for d in self.grid.tasked_devices(server_round) if d not in contributors]
         self.store.complete_round(
@@ -350,11 +351,12 @@ def device_run_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in SERVER_ONLY_KEYS}
 
 
-def _snapshot_bytes(arrays: Mapping[str, Any], task: str, run_id: int, server_round: int) -> bytes:
+def _snapshot_bytes(arrays: Mapping[str, Any], task: str) -> bytes:
+    """The snapshot of a global model. Run and round stay out (SQLite keeps the lineage),
+    so unchanged weights keep their version: a round that aggregated nothing shows as such."""
     from fedge.common.snapshot import arrays_to_snapshot
 
-    meta = {"task": task, "run-id": str(run_id), "round": str(server_round)}
-    return arrays_to_snapshot(arrays, meta).SerializeToString(deterministic=True)
+    return arrays_to_snapshot(arrays, {"task": task}).SerializeToString(deterministic=True)
 
 
 def _resolve(fut: asyncio.Future[str], outcome: str) -> None:

@@ -38,7 +38,6 @@ from fedge.common.chunking import (
     MAX_CHUNK_SIZE,
     STATUS_BY_REASON,
     ChunkError,
-    FileAssembler,
     check_chunk_size,
     is_sha256_hex,
     iter_file_chunks,
@@ -48,6 +47,7 @@ from fedge.server import flower_compat as fc
 from fedge.server.fleet import DeviceEntry, Fleet, TaskPayload
 from fedge.server.model_store import ModelStore
 from fedge.server.store import DeviceStatus, ResultStatus, Store, TaskState
+from fedge.server.uploads import MemoryUpload, Upload, open_upload
 from fedge.v1 import coordinator_pb2 as pb
 from fedge.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -59,6 +59,7 @@ DEFAULT_MAX_RESULT_BYTES = 256 << 20
 """256 MiB: the largest result payload accepted unless configured otherwise."""
 
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
+_OFFLOAD_BYTES = 64 << 10  # chunks at least this big are hashed and written in a worker thread
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -70,6 +71,8 @@ class ServiceSettings:
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     max_wait_s: float = 30.0  # longest long poll
     flush_every: int = 4 << 20  # make upload progress durable every this many bytes
+    memory_result_bytes: int = 16 << 20  # fresh uploads up to this size arrive in memory
+    memory_budget_bytes: int = 256 << 20  # ... while all in-memory uploads stay under this
 
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
@@ -98,6 +101,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.settings = settings or ServiceSettings()
         self.model_version = model_version
         self._uploading: set[str] = set()
+        self._in_memory = 0  # bytes reserved by uploads assembled in memory
 
     # ------------------------------------------------------------ identity
 
@@ -264,7 +268,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await _abort(context, grpc.StatusCode.ABORTED, "another upload of this task is open")
         self._uploading.add(task_id)
         try:
-            return await self._receive(task_id, header, stream, entry, context)
+            return await self._receive(task_id, header, stream, entry, live, context)
         finally:
             self._uploading.discard(task_id)
 
@@ -274,96 +278,121 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         header: pb.ResultHeader,
         stream: AsyncIterator[pb.ResultChunk],
         entry: DeviceEntry,
+        task: TaskPayload,
         context: Any,
     ) -> pb.PushResultReply:
         cap = self.settings.max_result_bytes
+        total = int(header.total_size)
         path = self.uploads / f"{task_id}.part"
         try:  # before any row or file exists
-            _check_result_header(header.total_size, header.sha256, cap)
+            _check_result_header(total, header.sha256, cap)
         except ChunkError as e:
             await _abort_chunk(context, e)
         row = self.store.begin_result(
-            task_id, total_size=int(header.total_size), sha256=header.sha256, path=str(path)
+            task_id, total_size=total, sha256=header.sha256, path=str(path)
+        )
+        in_memory = (
+            total <= self.settings.memory_result_bytes
+            and self._in_memory + total <= self.settings.memory_budget_bytes
         )
         try:
-            asm = FileAssembler.open(
-                path,
-                int(header.total_size),
-                header.sha256,
-                max_total=cap,
-                held=row.bytes_received,
-                max_chunk=MAX_CHUNK_SIZE,
+            upload = open_upload(
+                path, total, header.sha256, max_total=cap, held=row.bytes_received,
+                in_memory=in_memory,
             )
         except ChunkError as e:
             await _abort_chunk(context, e)
-        durable = asm.offset
+        reserved = total if isinstance(upload, MemoryUpload) else 0
+        self._in_memory += reserved
+        try:
+            return await self._stream_into(upload, task_id, header, stream, entry, task, context)
+        finally:
+            self._in_memory -= reserved
+
+    async def _stream_into(
+        self,
+        upload: Upload,
+        task_id: str,
+        header: pb.ResultHeader,
+        stream: AsyncIterator[pb.ResultChunk],
+        entry: DeviceEntry,
+        task: TaskPayload,
+        context: Any,
+    ) -> pb.PushResultReply:
+        durable = upload.offset
         finished = False
         try:
-            if header.offset != asm.offset:
+            if header.offset != upload.offset:
                 await _abort(
                     context,
                     grpc.StatusCode.OUT_OF_RANGE,
-                    f"header offset {header.offset}; {asm.offset} bytes held",
+                    f"header offset {header.offset}; {upload.offset} bytes held",
                 )
             async for msg in stream:
                 if msg.WhichOneof("part") != "data":
                     await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "header twice")
+                data = msg.data.data
                 try:
-                    asm.add(msg.data.offset, msg.data.data)
+                    if len(data) >= _OFFLOAD_BYTES:  # hash (and write) off the event loop
+                        await asyncio.to_thread(upload.add, msg.data.offset, data)
+                    else:
+                        upload.add(msg.data.offset, data)
                 except ChunkError as e:
                     await _abort_chunk(context, e)
-                if asm.offset - durable >= self.settings.flush_every:
-                    durable = asm.flush()
-                    self.store.record_progress(task_id, durable)
-            if not asm.complete:
+                if upload.offset - durable >= self.settings.flush_every:
+                    held = await asyncio.to_thread(upload.checkpoint)
+                    if held is not None:
+                        durable = held
+                        self.store.record_progress(task_id, durable)
+            if not upload.complete:
                 await _abort(
                     context,
                     grpc.StatusCode.ABORTED,
-                    f"stream ended at {asm.offset} of {asm.total_size} bytes; resume there",
+                    f"stream ended at {upload.offset} of {upload.total_size} bytes; resume there",
                 )
             finished = True
         finally:
-            if not finished:
+            if not finished:  # broken, refused or cut short: keep what arrived, durably
                 with _quiet():
-                    held = asm.flush()
-                    if held != durable:
-                        self.store.record_progress(task_id, held)
-                asm.close()
-        outcome, detail = await asyncio.to_thread(self._finish, asm, entry)
+                    if upload.offset != durable:
+                        self.store.record_progress(task_id, upload.save_partial())
+                upload.close()
+        outcome, detail = await asyncio.to_thread(self._finish, upload, entry, task)
         if outcome == "accepted":
-            return pb.PushResultReply(accepted=True, offset=asm.total_size)
+            return pb.PushResultReply(accepted=True, offset=upload.total_size)
         if outcome == "duplicate":
-            return pb.PushResultReply(accepted=True, offset=asm.total_size, duplicate=True)
+            return pb.PushResultReply(accepted=True, offset=upload.total_size, duplicate=True)
         await _abort(context, _FINISH_STATUS[outcome], detail)
 
-    def _finish(self, asm: FileAssembler, entry: DeviceEntry) -> tuple[str, str]:
+    def _finish(self, upload: Upload, entry: DeviceEntry, task: TaskPayload) -> tuple[str, str]:
         """Verify, validate and count a whole upload (in a worker thread: it hashes and parses)."""
-        task_id = asm.path.stem
+        task_id = task.task_id
         try:
-            path = asm.finish_to_path()
+            data = upload.payload()
         except ChunkError as e:
             if e.reason == "hash_mismatch":
-                asm.path.unlink(missing_ok=True)
+                upload.discard()
                 self.store.record_progress(task_id, 0)
                 return "hash_mismatch", f"{e.detail}; send again from offset 0"
-            self.store.record_progress(task_id, asm.offset)
+            self.store.record_progress(task_id, upload.offset)
             return "incomplete", str(e)
-        self.store.record_progress(task_id, asm.total_size)
-        task = self.fleet.task(task_id)
-        reason = _invalid_reply(path, task_id, entry, task)
+        reason, parsed = _check_reply(data, task_id, entry, task)
+        del data  # the parsed message holds the bytes from here on
         if reason is not None:
-            path.unlink(missing_ok=True)
+            upload.discard()
             self.store.reject_result(task_id, reason)
             self.fleet.drop(task_id)
             log.warning("result of task %s rejected (%s)", task_id, reason)
             return "invalid", f"result rejected: {reason}"
-        outcome = self.fleet.complete(task_id, path, self.store.complete_result)
+        outcome = self.fleet.complete(
+            task_id, upload.path, self.store.complete_result, parsed, upload.total_size
+        )
         if outcome == "closed":
-            path.unlink(missing_ok=True)
+            upload.discard()
             self.store.reject_result(task_id, "round_closed")
             return "closed", "round closed or task expired"
         if outcome == "duplicate":
-            path.unlink(missing_ok=True)
+            upload.discard()
         return outcome, ""
 
     async def GetUploadOffset(
@@ -466,22 +495,29 @@ def _check_result_header(total_size: int, sha256: str, cap: int) -> None:
         raise ChunkError("over_cap", f"total size {total_size} > cap {cap}")
 
 
-def _invalid_reply(
-    path: Path, task_id: str, entry: DeviceEntry, task: TaskPayload | None
-) -> str | None:
-    """Why the payload is not a Flower reply to `task_id` from this device, or None."""
+def _check_reply(
+    data: bytes, task_id: str, entry: DeviceEntry, task: TaskPayload
+) -> tuple[str | None, Any]:
+    """(why the payload is not a Flower reply to `task_id` from this device, the parsed message).
+
+    The content is parsed (protobuf) but not converted: the strategy checks it.
+    """
     try:
-        reply = fc.message_from_bytes(path.read_bytes())
+        parsed = fc.parse_message(data)
+        md = fc.parsed_metadata(parsed)
     except Exception as e:  # protobuf and Flower raise several types for garbage
-        return f"malformed: not a Flower message ({type(e).__name__})"
-    md = reply.metadata
+        return f"malformed: not a Flower message ({type(e).__name__})", None
+    return _reply_mismatch(md, task_id, entry, task), parsed
+
+
+def _reply_mismatch(md: Any, task_id: str, entry: DeviceEntry, task: TaskPayload) -> str | None:
     if md.reply_to_message_id != task_id:
         return "not_a_reply: reply_to_message_id does not name this task"
     if md.src_node_id != entry.node_id:
         return "wrong_node: src_node_id is not this device's node id"
-    if task is not None and md.run_id != task.run_id:
+    if md.run_id != task.run_id:
         return f"wrong_run: the reply names run {md.run_id}"
-    if task is not None and md.message_type != task.message_type:
+    if md.message_type != task.message_type:
         return f"wrong_type: {md.message_type!r} answers a {task.message_type!r} task"
     return None
 

@@ -29,11 +29,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fedge.common.chunking import ChunkError, check_chunk_size
 
-ResultCallback = Callable[[str, Path], None]
+ResultCallback = Callable[[str, Path, Any, int], None]
+"""(task id, result file, the parsed reply or None, payload size): how a result reaches the grid."""
 CompleteOutcome = Literal["accepted", "duplicate", "closed"]
 
 
@@ -256,7 +257,12 @@ class Fleet:
                 entry.touched = True
 
     def complete(
-        self, task_id: str, path: Path, store_complete: Callable[[str], bool]
+        self,
+        task_id: str,
+        path: Path,
+        store_complete: Callable[[str], bool],
+        parsed: Any = None,
+        size: int = 0,
     ) -> CompleteOutcome:
         """Accept a verified result: mark it complete in the store and hand it to the grid.
 
@@ -271,7 +277,7 @@ class Fleet:
                 return "duplicate"
             self._forget(task)
             if task.on_result is not None:
-                task.on_result(task_id, path)
+                task.on_result(task_id, path, parsed, size)
             return "accepted"
 
     def drop(self, task_id: str) -> TaskPayload | None:

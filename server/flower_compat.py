@@ -28,7 +28,7 @@ What is used, and where it lives in flwr 1.42:
 
 from __future__ import annotations
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, Metadata
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import (
     context_from_proto,
@@ -37,7 +37,7 @@ from flwr.common.serde import (
     message_to_proto,
     recorddict_to_proto,
 )
-from flwr.common.serde_utils import error_to_proto, metadata_to_proto
+from flwr.common.serde_utils import error_to_proto, metadata_from_proto, metadata_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 from flwr.supercore.run import Run
@@ -52,8 +52,11 @@ __all__ = [
     "error_reply",
     "make_run",
     "message_from_bytes",
+    "message_from_parsed",
     "message_parts",
     "message_to_bytes",
+    "parse_message",
+    "parsed_metadata",
     "set_message_id",
     "set_task_identity",
 ]
@@ -118,6 +121,24 @@ def message_parts(
         error=error_to_proto(message.error) if message.has_error() else None,
     ).SerializeToString()
     return content, rest
+
+
+def parse_message(data: bytes) -> ProtoMessage:
+    """Parse Message bytes into Flower's protobuf object, without converting the content.
+
+    Raises what protobuf raises for bytes that are not a `flwr.proto.Message`.
+    """
+    return ProtoMessage.FromString(data)
+
+
+def parsed_metadata(proto: ProtoMessage) -> Metadata:
+    """The Metadata of a parsed message (cheap: the content's arrays are not touched)."""
+    return metadata_from_proto(proto.metadata)
+
+
+def message_from_parsed(proto: ProtoMessage) -> Message:
+    """The Message of a parsed message (what `message_from_bytes` does after parsing)."""
+    return message_from_proto(proto)
 
 
 def context_to_bytes(context: Context) -> bytes:

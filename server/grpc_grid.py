@@ -26,10 +26,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,39 @@ log = logging.getLogger(__name__)
 ROUND_KEY = "server-round"
 
 
+@dataclass(slots=True)
+class _Arrived:
+    """An accepted result waiting for the ServerApp: its file, maybe its parsed message."""
+
+    path: Path
+    parsed: Any
+    held: int  # bytes of `parsed` counted against the inbox budget
+
+
+_trash: queue.SimpleQueue[Path] = queue.SimpleQueue()
+_janitor: threading.Thread | None = None
+_janitor_lock = threading.Lock()
+
+
+def _discard(path: Path) -> None:
+    """Delete a consumed result file in a background thread.
+
+    Freeing a file's pages is kernel work that would otherwise sit between
+    the ServerApp and its next reply.
+    """
+    global _janitor
+    with _janitor_lock:
+        if _janitor is None or not _janitor.is_alive():
+            _janitor = threading.Thread(target=_empty_trash, name="fedge-janitor", daemon=True)
+            _janitor.start()
+    _trash.put(path)
+
+
+def _empty_trash() -> None:
+    while True:
+        _trash.get().unlink(missing_ok=True)
+
+
 class GridStopped(RuntimeError):
     """The coordinator is shutting down; the ServerApp stops at its next Grid call."""
 
@@ -55,7 +90,9 @@ class GrpcGrid(Grid):
     `device_run_config` is what devices receive as their run config
     (`TaskEnvelope.run_config_json`); `model_version` names the global model
     tasks are built from; `default_timeout` bounds `push_messages` tasks that
-    are not part of a `send_and_receive`.
+    are not part of a `send_and_receive`. Replies waiting to be consumed keep
+    the servicer's parsed message while they fit in `inbox_memory_bytes`, else
+    only their file, read again when consumed.
     """
 
     def __init__(
@@ -67,6 +104,7 @@ class GrpcGrid(Grid):
         device_run_config: Mapping[str, Any] | None = None,
         model_version: Callable[[], str] = lambda: "",
         default_timeout: float = 3600.0,
+        inbox_memory_bytes: int = 64 << 20,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -77,7 +115,9 @@ class GrpcGrid(Grid):
         self._run = fc.make_run(run_id, dict(device_run_config or {}))
         self._run_config_json = json.dumps(dict(device_run_config or {}), sort_keys=True)
         self._cond = threading.Condition()
-        self._inbox: dict[str, Path] = {}
+        self._inbox: dict[str, _Arrived] = {}
+        self._inbox_parsed_bytes = 0
+        self.inbox_memory_bytes = int(inbox_memory_bytes)
         self._open_round = 0
         self._opened: set[int] = set()
         # round -> task id -> (device id, message type): who was asked, for the audit lists
@@ -129,10 +169,9 @@ class GrpcGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Replies received so far for `message_ids` (each returned once), without waiting."""
-        wanted = set(message_ids)
         with self._cond:
-            ready = [(t, self._inbox.pop(t)) for t in list(self._inbox) if t in wanted]
-        return [m for m in (self._decode(t, p) for t, p in ready) if m is not None]
+            ready = self._take(set(message_ids))
+        return [m for m in (self._decode(t, a) for t, a in ready) if m is not None]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -283,11 +322,22 @@ class GrpcGrid(Grid):
         if previous and previous < server_round:
             self.end_round(previous)
 
-    def _on_result(self, task_id: str, path: Path) -> None:
+    def _on_result(self, task_id: str, path: Path, parsed: Any, size: int) -> None:
         """Called by the fleet (under its lock) when a result is accepted."""
         with self._cond:
-            self._inbox[task_id] = path
+            if parsed is not None and self._inbox_parsed_bytes + size > self.inbox_memory_bytes:
+                if not path.exists():  # it arrived in memory: give it a file to wait in
+                    path.write_bytes(parsed.SerializeToString())
+                parsed = None  # over budget: the consumer reads the file instead
+            self._inbox[task_id] = _Arrived(path, parsed, size if parsed is not None else 0)
+            self._inbox_parsed_bytes += self._inbox[task_id].held
             self._cond.notify_all()
+
+    def _take(self, task_ids: set[str]) -> list[tuple[str, _Arrived]]:
+        """Pop arrived replies for `task_ids` (call with `_cond` held)."""
+        out = [(t, self._inbox.pop(t)) for t in list(self._inbox) if t in task_ids]
+        self._inbox_parsed_bytes -= sum(a.held for _, a in out)
+        return out
 
     def _collect(self, ids: list[str], deadline: float) -> Iterator[Message]:
         pending = set(ids)
@@ -296,9 +346,9 @@ class GrpcGrid(Grid):
                 ready = self._wait_ready(pending, deadline)
                 if not ready:
                     break
-                for task_id, path in ready:
+                for task_id, arrived in ready:
                     pending.discard(task_id)
-                    reply = self._decode(task_id, path)
+                    reply = self._decode(task_id, arrived)
                     if reply is not None:
                         yield reply
         finally:
@@ -306,16 +356,16 @@ class GrpcGrid(Grid):
                 self._expire(sorted(pending))
         # results completed just before the tasks expired are still this round's
         with self._cond:
-            late = [(t, self._inbox.pop(t)) for t in list(self._inbox) if t in pending]
-        for task_id, path in late:
-            reply = self._decode(task_id, path)
+            late = self._take(pending)
+        for task_id, arrived in late:
+            reply = self._decode(task_id, arrived)
             if reply is not None:
                 yield reply
 
-    def _wait_ready(self, pending: set[str], deadline: float) -> list[tuple[str, Path]]:
+    def _wait_ready(self, pending: set[str], deadline: float) -> list[tuple[str, _Arrived]]:
         with self._cond:
             while True:
-                ready = [(t, self._inbox.pop(t)) for t in list(self._inbox) if t in pending]
+                ready = self._take(pending)
                 if ready:
                     return ready
                 self._check_stopped()
@@ -343,21 +393,22 @@ class GrpcGrid(Grid):
                 Path(result.path).unlink(missing_ok=True)
 
     def _drop_inbox(self, task_ids: Iterable[str]) -> None:
-        wanted = set(task_ids)
         with self._cond:
-            stale = [(t, self._inbox.pop(t)) for t in list(self._inbox) if t in wanted]
-        for _, path in stale:
-            path.unlink(missing_ok=True)
+            stale = self._take(set(task_ids))
+        for _, arrived in stale:
+            _discard(arrived.path)
 
-    def _decode(self, task_id: str, path: Path) -> Message | None:
-        """Read a completed result from its file (then delete it) as a Flower Message."""
+    def _decode(self, task_id: str, arrived: _Arrived) -> Message | None:
+        """A completed result as a Flower Message (its file is deleted)."""
         try:
-            data = path.read_bytes()
-            reply = fc.message_from_bytes(data)
+            if arrived.parsed is not None:
+                reply = fc.message_from_parsed(arrived.parsed)
+            else:
+                reply = fc.message_from_bytes(arrived.path.read_bytes())
         except Exception as e:  # validated on arrival; a failure here is the disk's
             log.error("result of task %s unreadable: %s", task_id, e)
             return None
         finally:
-            path.unlink(missing_ok=True)
+            _discard(arrived.path)
         fc.set_message_id(reply, uuid.uuid4().hex)
         return reply

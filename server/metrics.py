@@ -27,7 +27,19 @@ from fedge.server.round_metrics import RoundMetrics
 
 ROUND_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
 PREDICT_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf")
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    float("inf"),
 )
 PREDICT_OUTCOMES = ("ok", "bad_request", "too_large", "no_model", "error")
 MAX_REASONS = 64
@@ -73,9 +85,7 @@ class Metrics:
         self.predict_requests = Counter(
             "fedge_predict_requests", "Predict requests, by outcome.", ["outcome"], registry=r
         )
-        self.predict_examples = Counter(
-            "fedge_predict_examples", "Examples predicted.", registry=r
-        )
+        self.predict_examples = Counter("fedge_predict_examples", "Examples predicted.", registry=r)
         self._reasons: set[str] = set()
 
     # -- rounds and fleet (the coordinator calls these) ------------------------

@@ -56,6 +56,7 @@ from fedge.common.task import Task, resolve_task
 from fedge.common.training import evaluate
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
 from fedge.server.compressed_strategy import CompressedStrategy
+from fedge.server.downlink import downlink_from_config
 from fedge.server.round_metrics import JsonlRoundWriter, RoundListener, RoundMetrics, notify
 
 log = logging.getLogger(__name__)
@@ -324,19 +325,25 @@ def make_server_app(
             cfg.codec,
             max_update_bytes=cfg.max_update_bytes,
             run_id=str(context.run_id),
+            downlink=downlink_from_config(run_config, run_id=str(context.run_id)),
         )
         targets = list(listeners)
         if cfg.report_path:
             targets.append(JsonlRoundWriter(cfg.report_path))
         recorder = _RoundRecorder(task, run_config, strategy, targets, on_round_end)
-        rounds = ContinuedRounds(strategy, cfg.first_round - 1)
-        result = rounds.start(
+        offset = cfg.first_round - 1
+        runner: Strategy = strategy
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] = recorder
+        if offset:  # a resumed run: round numbers continue where it stopped
+            continued = ContinuedRounds(strategy, offset)
+            runner, evaluate_fn = continued, continued.shift(recorder)
+        result = runner.start(
             grid=grid,
             initial_arrays=initial_arrays(task, cfg),
-            num_rounds=max(0, cfg.num_rounds - rounds.offset),
+            num_rounds=max(0, cfg.num_rounds - offset),
             timeout=cfg.round_timeout,
             train_config=train_config(cfg, task),
-            evaluate_fn=rounds.shift(recorder),
+            evaluate_fn=evaluate_fn,
         )
         report = ConfigRecord({"rounds": [json.dumps(r.to_dict()) for r in recorder.rounds]})
         if recorder.initial is not None:

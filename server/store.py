@@ -138,6 +138,24 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE devices ADD COLUMN enrolled_with TEXT",
         "CREATE UNIQUE INDEX devices_by_cert ON devices (cert_fingerprint)",
     ),
+    # 3: model registry (issue 7, server/registry.py). `status` is candidate |
+    # promoted | rejected; `current` is the newest promotion not rolled back.
+    (
+        "ALTER TABLE models ADD COLUMN evaluation TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE models ADD COLUMN status TEXT NOT NULL DEFAULT 'candidate'",
+        "ALTER TABLE models ADD COLUMN status_reason TEXT",
+        "ALTER TABLE models ADD COLUMN created_by TEXT NOT NULL DEFAULT 'round'",
+        """
+        CREATE TABLE promotions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            version TEXT NOT NULL REFERENCES models(version),
+            at REAL NOT NULL,
+            reason TEXT NOT NULL DEFAULT '',
+            rolled_back REAL,
+            rollback_reason TEXT
+        )
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -22,16 +22,30 @@ def simulate_command(
                                  "fedmedian | fedtrimmedavg | krum."),
     codec: str = typer.Option("none", help="One codec spec or a comma-separated list to compare, "
                               "e.g. none,int8,int4,topk=0.01+int4."),
+    downlink: str = typer.Option("none", help="Downlink codec: none | int8 (the global model "
+                                 "as a delta against the model a device holds)."),
     seed: int = typer.Option(0, help="Seed for data, partitions, sampling and init."),
     lr: float | None = typer.Option(None, help="Client learning rate (task default if unset)."),
     local_epochs: int | None = typer.Option(None, help="Local epochs (task default if unset)."),
     batch_size: int | None = typer.Option(None, help="Local batch size (task default if unset)."),
     data_dir: str | None = typer.Option(None, help="Folder with IDX files (fashion-mnist)."),
     out: Path = typer.Option(Path("fedge-out/simulate"), help="Folder for report.json/.png."),
+    scenario: str = typer.Option("", help="A benchmark scenario (fashion-mnist-100 | "
+                                 "shakespeare): its fixed settings and runs replace the "
+                                 "options above; see simulations/BENCHMARKS.md."),
+    smoke: bool = typer.Option(False, "--smoke", help="With --scenario: its 2-round variant "
+                               "with few clients (what CI runs)."),
+    engine: str = typer.Option("", help="With --scenario: ray | inprocess (default: ray for a "
+                               "scenario, inprocess for --smoke)."),
+    only: str = typer.Option("", help="With --scenario: comma-separated run labels to run."),
 ) -> None:
     """Run a federation of virtual devices in Flower's simulation engine, one run per codec."""
     from rich.console import Console
     from rich.table import Table
+
+    if scenario:
+        _simulate_scenario(scenario, smoke, engine, only, out)
+        return
 
     from fedge.common.errors import CodecSpecError
     from fedge.simulations.report import load_report
@@ -50,8 +64,13 @@ def simulate_command(
             fraction=fraction, min_clients=min_clients, partition=partition, alpha=alpha,
             classes_per_client=classes_per_client, strategy=strategy, seed=seed,
             codecs=parse_codec_list(codec), lr=lr, local_epochs=local_epochs,
-            batch_size=batch_size, data_dir=data_dir, out=out,
+            batch_size=batch_size, data_dir=data_dir, out=out, downlink=downlink,
         )
+        if downlink.strip().lower() != "none":
+            from fedge.server.downlink import DownlinkCompressor
+
+            DownlinkCompressor(downlink)  # a bad spec fails here, before any run
+
     except (ValueError, CodecSpecError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
@@ -65,6 +84,31 @@ def simulate_command(
     console.print(f"report: {path}\nplot:   {path.with_suffix('.png')}")
 
 
+def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path) -> None:
+    """`fedge simulate --scenario NAME`: run the scenario, print its table, name the files."""
+    from rich.console import Console
+
+    from fedge.common.datasets import DatasetError
+    from fedge.simulations.report import load_report
+    from fedge.simulations.scenario_run import run_scenario
+    from fedge.simulations.scenarios import get_scenario
+    from fedge.simulations.summary import markdown_table
+
+    console = Console()
+    if out == Path("fedge-out/simulate"):
+        out = Path("fedge-out") / (name + ("-smoke" if smoke else ""))
+    labels = [label.strip() for label in only.split(",") if label.strip()]
+    try:
+        chosen = get_scenario(name, smoke=smoke)
+        path = run_scenario(chosen, out, console, engine=engine or None, only=labels)
+    except (ValueError, DatasetError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    console.print(markdown_table(load_report(path)))
+    console.print(f"report: {path}\nplot:   {path.with_suffix('.png')}\n"
+                  f"table:  {path.with_suffix('.md')}")
+
+
 def demo_command(
     out: Path = typer.Option(Path("fedge-out/demo"), help="Folder for the report."),
 ) -> None:
@@ -72,6 +116,6 @@ def demo_command(
     simulate_command(
         dataset="digits", model="auto", task="", clients=10, rounds=5, fraction=1.0,
         min_clients=2, partition="iid", alpha=0.5, classes_per_client=2, strategy="fedavg",
-        codec="none,int8", seed=0, lr=None, local_epochs=None, batch_size=None,
-        data_dir=None, out=out,
+        codec="none,int8", downlink="none", seed=0, lr=None, local_epochs=None, batch_size=None,
+        data_dir=None, out=out, scenario="", smoke=False, engine="", only="",
     )

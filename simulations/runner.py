@@ -38,6 +38,7 @@ class SimulationOptions:
     local_epochs: int | None = None
     batch_size: int | None = None
     data_dir: str | None = None
+    downlink: str = "none"
     out: Path = Path("fedge-out")
 
     def run_config(self, codec: str) -> dict[str, Any]:
@@ -46,6 +47,7 @@ class SimulationOptions:
             "task": self.task,
             "strategy": self.strategy,
             "codec": codec,
+            "downlink-codec": self.downlink,
             "num-rounds": self.rounds,
             "fraction-train": self.fraction,
             "min-train-nodes": max(1, min(self.min_clients, self.clients)),
@@ -131,6 +133,7 @@ def simulate(
         "partition": options.partition,
         "alpha": options.alpha,
         "seed": options.seed,
+        "downlink": options.downlink,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     path = write_report(options.out, reports, meta)

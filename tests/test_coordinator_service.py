@@ -109,7 +109,11 @@ async def test_round_trip_counts_a_result_once(harness: ServiceHarness) -> None:
     for task_id in ids:
         assert harness.store.get_result(task_id).status == ResultStatus.COMPLETE
         assert harness.store.get_task(task_id).state == TaskState.DONE
-    assert not list((harness.tmp / "uploads").iterdir())  # consumed results are deleted
+    for _ in range(100):  # consumed results leave no file behind (deleted in the background)
+        if not list((harness.tmp / "uploads").iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    assert not list((harness.tmp / "uploads").iterdir())
     for d in devs:
         await d.close()
 
@@ -297,7 +301,7 @@ async def test_fifty_megabytes_cross_in_chunks_under_grpcs_default_limit(tmp_pat
     (reply,) = await asyncio.wait_for(replies, 60)
     assert reply.content["arrays"]["w"].numpy().tobytes() == big
     header, model, chunks = await dev.fetch_model()
-    assert header.total_size > 50_000_000 and chunks >= 24 and sha256_hex(model) == header.version
+    assert header.total_size >= 50_000_000 and chunks >= 24 and sha256_hex(model) == header.version
     assert max(MAX_CHUNK_SIZE, h.service.settings.chunk_size) < GRPC_DEFAULT_LIMIT
     del ids
     await dev.close()

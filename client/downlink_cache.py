@@ -1,0 +1,150 @@
+"""Compressed downlink, device side: keep the anchor model, rebuild the global from deltas.
+
+A train message with `fedge.downlink-codec` in its config comes in two forms
+(`fedge.server.downlink` sends them; docs/compression.md):
+
+- plain weights: the device keeps them as its anchor, in `context.state`
+  (ArrayRecord `fedge.downlink-anchor` plus ConfigRecord `fedge.downlink` with
+  its version), so it survives rounds and, on the edge runtime, restarts;
+- one array `fedge.downlink`: a delta against the anchor the config names.
+  The device rebuilds `anchor + delta` with the same function the server used,
+  checks the result's version against the config's, and puts the plain weights
+  back into the message, so the ClientApp never sees the difference.
+
+A delta against an anchor the device does not hold, or a rebuilt model whose
+version differs, raises `DownlinkError`: the reply becomes an error reply, the
+server forgets the node's anchor and sends the plain model next time, so a
+lost or corrupted state costs one round, never a silently wrong model.
+
+The reply gets a ConfigRecord `fedge.downlink` naming the anchor held: that is
+how the server learns what to send next.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
+
+from fedge.common.arrays import arrays_to_record
+from fedge.common.downlink import (
+    DOWNLINK_ANCHOR_KEY,
+    DOWNLINK_ARRAY_KEY,
+    DOWNLINK_CODEC_KEY,
+    DOWNLINK_TARGET_KEY,
+    REPLY_HELD_KEY,
+    REPLY_RECORD_KEY,
+    apply_model_delta,
+    model_version,
+)
+from fedge.common.errors import UpdateRejected
+
+log = logging.getLogger(__name__)
+
+ANCHOR_STATE_KEY = "fedge.downlink-anchor"
+META_STATE_KEY = "fedge.downlink"
+ANCHOR_VERSION = "anchor-version"
+MODEL_VERSION = "model-version"  # version of the model last rebuilt or received
+
+ClientAppCallable = Callable[[Message, Context], Message]
+Mod = Callable[[Message, Context, ClientAppCallable], Message]
+
+
+class DownlinkError(RuntimeError):
+    """A compressed downlink this device cannot turn into the server's model."""
+
+
+def _config(message: Message) -> ConfigRecord | None:
+    record = message.content.get("config")
+    if isinstance(record, ConfigRecord):
+        return record
+    found = [r for r in message.content.values() if isinstance(r, ConfigRecord)]
+    return found[0] if len(found) == 1 else None
+
+
+def _arrays(message: Message) -> tuple[str, ArrayRecord] | None:
+    found = [(k, r) for k, r in message.content.items() if isinstance(r, ArrayRecord)]
+    if len(found) == 1:
+        return found[0]
+    record = message.content.get("arrays")
+    return ("arrays", record) if isinstance(record, ArrayRecord) else None
+
+
+def is_downlink(message: Message) -> bool:
+    """True for a train message sent with a compressed downlink in force."""
+    if message.metadata.message_type.split(".")[0] != MessageType.TRAIN:
+        return False
+    cfg = _config(message)
+    codec = str(cfg.get(DOWNLINK_CODEC_KEY, "") or "") if cfg is not None else ""
+    return codec not in ("", "none")
+
+
+def held_version(context: Context) -> str:
+    """Version of the anchor this device holds ("" when none)."""
+    meta = context.state.get(META_STATE_KEY)
+    if not isinstance(meta, ConfigRecord) or ANCHOR_STATE_KEY not in context.state:
+        return ""
+    return str(meta.get(ANCHOR_VERSION, ""))
+
+
+def _forget(context: Context) -> None:
+    for key in (ANCHOR_STATE_KEY, META_STATE_KEY):
+        if key in context.state:
+            del context.state[key]
+
+
+def receive(message: Message, context: Context) -> None:
+    """Turn a downlink train message into a plain one in place, updating the anchor."""
+    cfg = _config(message)
+    found = _arrays(message)
+    if cfg is None or found is None:
+        raise DownlinkError("downlink message without config or arrays")
+    key, record = found
+    anchor_version = str(cfg.get(DOWNLINK_ANCHOR_KEY, ""))
+    if len(record) == 1 and DOWNLINK_ARRAY_KEY in record:
+        held = held_version(context)
+        if held != anchor_version:
+            _forget(context)
+            raise DownlinkError(
+                f"delta against {anchor_version[:12] or '?'}, device holds {held[:12] or 'none'}"
+            )
+        anchor = {k: a.numpy() for k, a in context.state[ANCHOR_STATE_KEY].items()}
+        try:
+            model = apply_model_delta(anchor, record[DOWNLINK_ARRAY_KEY])
+        except UpdateRejected as ex:
+            raise DownlinkError(f"undecodable downlink delta: {ex}") from None
+        version = model_version(model)
+        if version != str(cfg.get(DOWNLINK_TARGET_KEY, "")):
+            _forget(context)
+            raise DownlinkError("rebuilt model differs from the server's (version mismatch)")
+        message.content[key] = arrays_to_record(model)
+    else:
+        version = model_version({k: a.numpy() for k, a in record.items()})
+        if version != anchor_version:
+            log.warning("downlink: full model's version differs from the config; not kept")
+            _forget(context)
+            return
+        context.state[ANCHOR_STATE_KEY] = record
+    context.state[META_STATE_KEY] = ConfigRecord(
+        {ANCHOR_VERSION: anchor_version, MODEL_VERSION: version}
+    )
+
+
+def tag_reply(reply: Message, context: Context) -> Message:
+    """Tell the server which anchor this device holds (nothing on an error reply)."""
+    if not reply.has_error():
+        reply.content[REPLY_RECORD_KEY] = ConfigRecord({REPLY_HELD_KEY: held_version(context)})
+    return reply
+
+
+def with_downlink(mod: Mod) -> Mod:
+    """Wrap a client mod so downlink deltas are rebuilt before it and the reply is tagged."""
+
+    def downlink_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if not is_downlink(message):
+            return mod(message, context, call_next)
+        receive(message, context)
+        return tag_reply(mod(message, context, call_next), context)
+
+    return downlink_mod

@@ -1,0 +1,122 @@
+"""`fedge predict --model FILE INPUT...`: run an export on this CPU.
+
+Inputs are `.npy` files (read with `allow_pickle=False`) or `.json` files
+holding `{"inputs": [...]}` or a bare list, as `POST /v1/predict` takes; each
+is one example (the task's input shape, e.g. [1, 28, 28]) or a batch of them.
+Values are what the task's model takes (Fashion-MNIST: float pixels in [0, 1]).
+
+Only typer is imported at the top; torch and the loader when the command runs.
+A refused model file or unusable input is one line on stderr and exit code 1,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+EXIT_REFUSED = 1
+MAX_INPUT_FILE_BYTES = 1 << 30
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"fedge predict: {message}", err=True)
+    return typer.Exit(EXIT_REFUSED)
+
+
+def _read_input(path: Path) -> Any:
+    """The raw inputs of one file (validated against the model later)."""
+    import numpy as np
+
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise _fail(f"{path}: cannot read ({e.strerror or e})") from None
+    if size > MAX_INPUT_FILE_BYTES:
+        raise _fail(f"{path}: {size} bytes is over the {MAX_INPUT_FILE_BYTES} byte limit")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".json":
+            doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+            return doc["inputs"] if isinstance(doc, dict) and "inputs" in doc else doc
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise _fail(f"{path}: not a readable {suffix[1:]} file ({e})") from None
+    raise _fail(f"{path}: unknown input type {suffix or '(none)'!r}; use .npy or .json")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def predict_command(
+    model: Path = typer.Option(..., "--model", help="Export file (fedge export)."),
+    inputs: list[Path] = typer.Argument(..., help=".npy or .json files: one example or a batch."),
+    task: str | None = typer.Option(
+        None,
+        "--task",
+        help="Task to build the model with; needed (and trusted) for a "
+        "user task 'module:object'. Default: the built-in task the file names.",
+    ),
+    kernels: str = typer.Option(
+        "auto",
+        "--kernels",
+        help="auto | int8 | float: int8 Linear kernels for int8 files (auto: when torch has them).",
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Examples per model call."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Predict with a model file on this CPU; refuses a damaged or tampered file."""
+    from fedge.common.export import ModelFileError
+    from fedge.common.inference import KERNELS, InputError, load_predictor
+
+    if kernels not in KERNELS:
+        raise _fail(f"--kernels must be one of {', '.join(KERNELS)}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        predictor = load_predictor(model, task=task, kernels=kernels)
+    except ModelFileError as e:
+        raise _fail(f"refused model file {model}: {e}") from None
+    rows: list[dict[str, Any]] = []
+    for path in inputs:
+        try:
+            x = predictor.prepare(_read_input(path))
+            result = predictor.predict(x, batch_size=batch_size)
+        except InputError as e:
+            raise _fail(f"{path}: {e}") from None
+        for i, (c, s) in enumerate(zip(result.classes, result.scores, strict=True)):
+            rows.append(
+                {
+                    "input": str(path),
+                    "index": i,
+                    "class": int(c),
+                    "label": predictor.label(int(c)),
+                    "score": round(float(s), 6),
+                }
+            )
+    info = predictor.info
+    if json_output:
+        doc = {
+            "model": {
+                "file": str(model),
+                "format": info.format,
+                "task": info.task,
+                "source_version": info.source_version,
+                "content_sha256": info.content_hash,
+                "kernels": predictor.kernels,
+            },
+            "predictions": rows,
+        }
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
+    for r in rows:
+        typer.echo(f"{r['input']}[{r['index']}]\t{r['label']}\t{r['score']:.3f}")

@@ -1,0 +1,101 @@
+"""Downlink deltas: the global model as an int8 delta against a model the device holds.
+
+Both ends call the same two functions on the same bytes, so the model a device
+rebuilds is bit for bit the one the server computed (docs/compression.md,
+"Compressed downlink"): `encode_model_delta` on the server and
+`apply_model_delta` on both. `model_version` names a model by its content; it
+is the same hash as the coordinator's `fedge.base-version`.
+
+Wire: a train message whose ArrayRecord holds the single uint8 array
+`fedge.downlink` (a serialized `fedge.v1.ModelUpdate`, `is_delta`, its
+`base_model_version` the anchor's version) is a compressed downlink; the
+config then names the codec, the anchor and the version of the model the
+device must end up with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array
+
+from fedge.common.update_array import pack_update, packed_bytes
+from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES, decode_update, encode_update
+
+#: train config: the downlink codec in force (absent or "none": plain downlink)
+DOWNLINK_CODEC_KEY = "fedge.downlink-codec"
+#: train config: version of the anchor (the full model the device holds and the delta is against)
+DOWNLINK_ANCHOR_KEY = "fedge.downlink-anchor"
+#: train config (deltas only): version of the model the device must rebuild
+DOWNLINK_TARGET_KEY = "fedge.downlink-target"
+#: the single array of a compressed downlink's ArrayRecord
+DOWNLINK_ARRAY_KEY = "fedge.downlink"
+#: ConfigRecord a device adds to its train reply, and its key naming the anchor it holds
+REPLY_RECORD_KEY = "fedge.downlink"
+REPLY_HELD_KEY = "held-version"
+
+#: 128 bits of SHA-256, as `fedge.base-version`
+VERSION_HEX_CHARS = 32
+
+
+def model_version(arrays: Mapping[str, np.ndarray]) -> str:
+    """Content hash of a model (names, dtypes, shapes, bytes), 32 hex characters.
+
+    Identical to `fedge.server.reply_decoder.content_version` (a test pins it);
+    it lives here too because a device never imports the coordinator's code.
+    """
+    h = hashlib.sha256()
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes(order="C") if not a.flags.c_contiguous else a.data)
+    return h.hexdigest()[:VERSION_HEX_CHARS]
+
+
+def encode_model_delta(
+    target: Mapping[str, np.ndarray],
+    anchor: Mapping[str, np.ndarray],
+    spec: str,
+    *,
+    anchor_version: str,
+    run_id: str = "",
+    round: int = 0,
+) -> Array:
+    """`target - anchor`, encoded with `spec` and packed as one raw-bytes Array.
+
+    No error-feedback residual is kept: the next delta is again taken from the
+    exact target, so what this one drops is not carried anywhere.
+    """
+    delta = {}
+    for k, t in target.items():
+        a = anchor[k]
+        if t.shape != a.shape or t.dtype != a.dtype:
+            raise ValueError(f"{k}: target {t.dtype}{t.shape} vs anchor {a.dtype}{a.shape}")
+        delta[k] = np.subtract(t, a, dtype=t.dtype)
+    update, _ = encode_update(
+        delta, spec, run_id=run_id, round=round, base_version=anchor_version, is_delta=True
+    )
+    return pack_update(update.SerializeToString())
+
+
+def apply_model_delta(
+    anchor: Mapping[str, np.ndarray],
+    packed: Array,
+    *,
+    max_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
+) -> dict[str, np.ndarray]:
+    """`anchor + decode(packed)`, tensor by tensor in the anchor's dtype.
+
+    Raises `UpdateRejected` when the bytes are not a delta for this anchor's
+    layout. Server and device both rebuild the model with this function.
+    """
+    expected = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in anchor.items()}
+    decoded = decode_update(packed_bytes(packed, max_bytes), expected=expected,
+                            max_bytes=max_bytes)
+    out: dict[str, np.ndarray] = {}
+    for k, a in anchor.items():
+        d = decoded.arrays[k]
+        out[k] = np.add(a, d.astype(a.dtype, copy=False), dtype=a.dtype)
+    return out

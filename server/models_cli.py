@@ -1,0 +1,212 @@
+"""`fedge coordinator models list|show|promote|rollback|evaluate` and `fedge export`.
+
+Both work on a coordinator's state folder (SQLite and model files) and may run
+while the coordinator does: SQLite's WAL lets them read alongside it, and a
+promotion is one durable transaction the coordinator sees on its next read.
+`fedge export` lives here, not in `common/`, because it reads the registry
+(coordinator code) and `common` never imports `server`.
+
+Only typer is imported at the top: the `fedge` command loads this module for
+every subcommand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+DEFAULT_STATE = Path("fedge-out/coordinator")
+FORMATS = ("fp32", "fp16", "int8", "int4")
+
+models_app = typer.Typer(
+    help="Model versions: list, show, promote, roll back, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+_STATE = typer.Option(DEFAULT_STATE, "--state", help="The coordinator's state folder.")
+_JSON = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"fedge: {message}", err=True)
+    return typer.Exit(1)
+
+
+@contextmanager
+def _registry(state: Path) -> Iterator[Any]:
+    """The registry of a state folder; refuses a folder with no coordinator state."""
+    from fedge.server.model_store import ModelStore, ModelStoreError
+    from fedge.server.registry import Registry, RegistryError
+    from fedge.server.store import Store, StoreError
+
+    db = state / "fedge.db"
+    if not db.exists():
+        raise _fail(f"no coordinator state in {state} (no fedge.db); pass --state")
+    try:
+        store = Store.open(db)
+    except StoreError as e:
+        raise _fail(f"cannot open {db}: {e}") from None
+    try:
+        yield Registry(store, ModelStore(state / "models"))
+    except (RegistryError, ModelStoreError) as e:
+        raise _fail(str(e)) from None
+    finally:
+        store.close()
+
+
+def _when(t: float | None) -> str:
+    return "" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _metric(record: Any, key: str) -> str:
+    v = record.evaluation.get(key)
+    return "" if v is None else f"{v:.4f}"
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+
+
+@models_app.command("list")
+def list_command(state: Path = _STATE, json_output: bool = _JSON) -> None:
+    """Every model version, oldest first, with status and central evaluation."""
+    with _registry(state) as reg:
+        records = reg.list_models()
+        current = reg.current()
+    if json_output:
+        _print_json({"current": current, "models": [r.to_dict() for r in records]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models in {state} (current: {current[:12] if current else 'none'})")
+    for col in ("version", "status", "run", "round", "parent", "accuracy", "loss", "created"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(
+            r.version[:12],
+            str(r.status),
+            "" if r.run_id is None else str(r.run_id),
+            str(r.round),
+            (r.parent_version or "")[:12],
+            _metric(r, "accuracy"),
+            _metric(r, "loss"),
+            _when(r.created),
+        )
+    Console().print(table)
+
+
+@models_app.command("show")
+def show_command(
+    version: str = typer.Argument(..., help="Version: 'current', a hash or a unique prefix."),
+    state: Path = _STATE,
+    json_output: bool = _JSON,
+) -> None:
+    """One version: lineage back to the first model, evaluation, task, promotions."""
+    with _registry(state) as reg:
+        record = reg.get(version)
+        lineage = reg.lineage(record.version)
+        history = [p for p in reg.history() if p.version == record.version]
+        task = reg.task_name(record.version)
+        size = reg.models.size(record.version)
+    doc = {
+        **record.to_dict(),
+        "task": task,
+        "file_bytes": size,
+        "lineage": [r.version for r in lineage],
+        "promotions": [p.__dict__ for p in history],
+    }
+    if json_output:
+        _print_json(doc)
+        return
+    typer.echo(f"version    {record.version}")
+    typer.echo(
+        f"status     {record.status}"
+        + (f" ({record.status_reason})" if record.status_reason else "")
+    )
+    typer.echo(f"task       {task}")
+    typer.echo(f"run/round  {record.run_id} / {record.round}")
+    typer.echo(f"created    {_when(record.created)} by {record.created_by}")
+    typer.echo(f"file       {size:,} bytes (fp32 snapshot)")
+    ev = ", ".join(f"{k} {v:.4f}" for k, v in sorted(record.evaluation.items())) or "none"
+    typer.echo(f"evaluation {ev}")
+    typer.echo("lineage    " + " <- ".join(r.version[:12] for r in lineage))
+    for p in history:
+        undone = f", rolled back {_when(p.rolled_back)}" if p.rolled_back else ""
+        typer.echo(f"promoted   {_when(p.at)} {p.reason}{undone}")
+
+
+@models_app.command("promote")
+def promote_command(
+    version: str = typer.Argument(..., help="Version: a hash or a unique prefix."),
+    reason: str = typer.Option("manual", "--reason", help="Kept in the promotion history."),
+    state: Path = _STATE,
+) -> None:
+    """Make a version current: devices and the HTTP endpoint serve it from now on."""
+    with _registry(state) as reg:
+        record = reg.promote(version, reason=reason)
+    typer.echo(f"current is now {record.version}")
+
+
+@models_app.command("rollback")
+def rollback_command(
+    reason: str = typer.Option("manual", "--reason", help="Kept in the promotion history."),
+    state: Path = _STATE,
+) -> None:
+    """Undo the latest promotion: the version current before it is current again."""
+    with _registry(state) as reg:
+        record = reg.rollback(reason=reason)
+    typer.echo(f"rolled back; current is now {record.version}")
+
+
+@models_app.command("evaluate")
+def evaluate_command(
+    version: str = typer.Argument("current", help="Version: 'current', a hash or a prefix."),
+    state: Path = _STATE,
+) -> None:
+    """Evaluate a version on its task's central test set and record the figures."""
+    with _registry(state) as reg:
+        figures = reg.evaluate(version)
+        full = reg.resolve(version)
+    typer.echo(f"{full}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+
+
+def export_command(
+    version: str = typer.Option("current", "--version", help="'current', a hash or a prefix."),
+    fmt: str = typer.Option("int8", "--format", help="fp32 | fp16 | int8 | int4."),
+    out: Path = typer.Option(..., "--out", help="File to write (replaced atomically)."),
+    state: Path = _STATE,
+) -> None:
+    """Write a model version as a self-checking export file for devices (`fedge predict`)."""
+    if fmt not in FORMATS:
+        raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    with _registry(state) as reg:
+        full = reg.resolve(version)
+        data = reg.export(full, fmt)
+    _write_atomic(out, data)
+    typer.echo(f"wrote {out}: {full[:12]} as {fmt}, {len(data):,} bytes")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,151 @@
+"""Run a benchmark scenario: every run in turn, then report.json, report.png, report.md.
+
+Runs go through Flower's simulation engine (Ray: `engine="ray"`, the full
+scenarios) or fedge's in-process Grid (`engine="inprocess"`: one process, no
+Ray start-up, what the smoke variants and CI use). Either way the apps are
+the real ones: fedge's ServerApp and ClientApp with the compression mod, or
+the stock Flower peer of `simulations/stock_flower.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedge.server.round_metrics import RoundMetrics
+from fedge.simulations.profiles import (
+    calibrate,
+    estimate,
+    expected_max_examples,
+    get_profile,
+    partition_sizes,
+)
+from fedge.simulations.report import RunReport, plot_report, round_record, write_report
+from fedge.simulations.scenarios import RunSpec, Scenario
+from fedge.simulations.summary import markdown_table, run_summary
+
+Listener = Callable[[RoundMetrics], None]
+ENGINES = ("ray", "inprocess")
+
+
+def run_once(run: RunSpec, config: dict[str, Any], clients: int, listeners: list[Listener],
+             engine: str, seed: int = 0) -> None:
+    """One federated run of `run` on `engine`; rounds reach `listeners` as they end."""
+    from fedge.simulations.stock_flower import stock_client_app, stock_server_app
+
+    if engine == "inprocess":
+        from fedge.client.client_app import make_client_app
+        from fedge.client.compression_mod import compression_mod
+        from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
+        from fedge.server.server_app import make_server_app
+
+        client = stock_client_app(config) if run.stock else make_client_app(
+            mods=[compression_mod])
+        server = (stock_server_app(config, listeners) if run.stock
+                  else make_server_app(config, listeners=listeners))
+        grid = InProcessGrid(client, clients, run_config=config, seed=seed,
+                             stream_replies=True)
+        run_server_app_inprocess(server, grid)
+    elif engine == "ray":
+        from fedge.simulations.engine import ray_backend_config, run_in_ray
+
+        if run.stock:
+            from flwr.simulation import run_simulation
+
+            logging.getLogger("flwr").setLevel(logging.WARNING)
+            run_simulation(server_app=stock_server_app(config, listeners),
+                           client_app=stock_client_app(config), num_supernodes=clients,
+                           backend_config=ray_backend_config())
+        else:
+            run_in_ray(config, clients, listeners)
+    else:
+        raise ValueError(f"unknown engine {engine!r}; choose {', '.join(ENGINES)}")
+
+
+def device_compute(scenario: Scenario, clients: int) -> dict[str, Any]:
+    """Seconds per example here and the expected largest client of a round (for profiles)."""
+    config = scenario.run_config(scenario.runs[0], clients)
+    from fedge.common.task import resolve_task
+
+    defaults = resolve_task(scenario.task).train_defaults
+    batch = int(scenario.batch_size or defaults.get("batch-size", 32))
+    lr = float(scenario.lr or defaults.get("lr", 0.05))
+    epochs = int(scenario.local_epochs or defaults.get("local-epochs", 1))
+    per_example = calibrate(scenario.task, config, clients, batch, lr)
+    sizes = partition_sizes(scenario.task, config, clients)
+    largest = expected_max_examples(sizes, scenario.per_round, seed=scenario.seed) * epochs
+    return {"seconds_per_example_here": round(per_example, 6),
+            "expected_max_examples_per_round": round(largest, 1),
+            "compute_seconds_here": round(per_example * largest, 3)}
+
+
+def run_scenario(
+    scenario: Scenario,
+    out: Path,
+    console: Console | None = None,
+    engine: str | None = None,
+    only: Sequence[str] = (),
+) -> Path:
+    """Run the scenario's runs (or those labelled in `only`); returns report.json's path."""
+    console = console or Console()
+    engine = engine or scenario.engine
+    clients = scenario.num_clients()
+    runs = [r for r in scenario.runs if not only or r.label in only]
+    if not runs:
+        raise ValueError(f"no run of {scenario.name} is labelled {', '.join(only)}")
+    compute = device_compute(scenario, clients)
+    profiles = [get_profile(p) for p in scenario.profiles]
+    reports: list[RunReport] = []
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                  console=console) as progress:
+        for run in runs:
+            config = scenario.run_config(run, clients)
+            report = RunReport(codec=run.label, strategy="fedavg", extra={
+                "uplink_codec": run.codec, "downlink_codec": run.downlink,
+                "apps": "stock-flower" if run.stock else "fedge"})
+            bar = progress.add_task(f"{run.label:>20}", total=scenario.rounds,
+                                    status="starting")
+
+            def on_round(record: RoundMetrics, report: RunReport = report, bar: Any = bar
+                         ) -> None:
+                report.rounds.append(round_record(record.to_dict()))
+                acc = "-" if record.accuracy is None else f"{record.accuracy:.3f}"
+                progress.update(bar, completed=record.round,
+                                status=f"acc {acc}  down {record.downlink_bytes / 1e6:.2f} MB"
+                                       f"  up {record.uplink_bytes / 1e6:.2f} MB")
+
+            t0 = time.perf_counter()
+            run_once(run, config, clients, [on_round], engine, seed=scenario.seed)
+            report.extra["wall_seconds"] = round(time.perf_counter() - t0, 2)
+            report.extra["summary"] = run_summary(report.rounds, scenario.target_accuracy)
+            report.extra["profiles"] = {
+                p.name: estimate(report.rounds, p, compute["compute_seconds_here"],
+                                 scenario.per_round, scenario.target_accuracy)
+                for p in profiles
+            }
+            reports.append(report)
+    meta = {
+        "scenario": scenario.name, "task": scenario.task, "clients": clients,
+        "per_round": scenario.per_round, "rounds": scenario.rounds,
+        "partition": scenario.partition, "alpha": scenario.alpha, "seed": scenario.seed,
+        "target_accuracy": scenario.target_accuracy, "engine": engine,
+        "run_config": scenario.run_config(RunSpec("none"), clients), **compute,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "command": f"fedge simulate --scenario {scenario.name.removesuffix('-smoke')}"
+                   + (" --smoke" if scenario.smoke else ""),
+    }
+    path = write_report(out, reports, meta)
+    body = {"runs": [r.to_json() for r in reports]}
+    plot_report(body, out / "report.png",
+                title=f"{scenario.name}: {clients} clients, {scenario.per_round} a round")
+    (out / "report.md").write_text(f"## {scenario.name}\n\n`{meta['command']}`\n\n"
+                                   + markdown_table(body))
+    return path

@@ -1,0 +1,158 @@
+"""Benchmark scenarios (issue 6): fixed tasks, partitions, seeds and the runs to compare.
+
+`fedge simulate --scenario NAME` runs every run of a scenario in turn and writes
+one report; `--smoke` runs the scenario's 2-round variant with few clients
+(what CI runs). Every setting that changes a figure lives here, so a report is
+reproduced by naming its scenario.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a scenario: fedge with an uplink (and downlink) codec, or the stock peer."""
+
+    label: str
+    codec: str = "none"
+    downlink: str = "none"
+    stock: bool = False  # plain Flower apps (simulations/stock_flower.py), no fedge in the path
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A benchmark: task, federation, training settings, runs, target and profiles.
+
+    `clients=0` means the task's natural number of clients (Shakespeare: one per
+    play and speaker), resolved by `num_clients` when the run starts.
+    """
+
+    name: str
+    task: str
+    clients: int
+    per_round: int
+    rounds: int
+    runs: tuple[RunSpec, ...]
+    target_accuracy: float
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    lr: float | None = None
+    local_epochs: int | None = None
+    batch_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # task-specific run-config keys
+    profiles: tuple[str, ...] = ("pi4-lte", "phone-wifi", "pi-zero-3g")
+    engine: str = "ray"
+    smoke: bool = False
+
+    def num_clients(self) -> int:
+        """Clients in the federation (the task's natural count when `clients` is 0)."""
+        if self.clients > 0:
+            return self.clients
+        counter = NATURAL_CLIENTS[self.task]
+        return counter(self.extra)
+
+    def run_config(self, run: RunSpec, clients: int | None = None) -> dict[str, Any]:
+        """The run config one run is given (ServerApp and clients alike)."""
+        n = clients or self.num_clients()
+        config: dict[str, Any] = {
+            "task": self.task,
+            "strategy": "fedavg",
+            "codec": run.codec,
+            "downlink-codec": run.downlink,
+            "num-rounds": self.rounds,
+            "fraction-train": self.per_round / n,
+            "min-train-nodes": self.per_round,
+            "fraction-evaluate": 0.0,
+            "partition": self.partition,
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "torch-threads": 1,
+            **self.extra,
+        }
+        optional = {"lr": self.lr, "local-epochs": self.local_epochs,
+                    "batch-size": self.batch_size}
+        config.update({k: v for k, v in optional.items() if v is not None})
+        return config
+
+    def smoke_variant(self) -> Scenario:
+        """2 rounds, few clients per round, small data caps: the CI check of the scenario."""
+        return replace(self, name=f"{self.name}-smoke", rounds=2, engine="inprocess",
+                       smoke=True, **SMOKE_CHANGES[self.name])
+
+
+def _shakespeare_clients(extra: dict[str, Any]) -> int:
+    from fedge.common.shakespeare_task import num_clients
+
+    return num_clients(extra)
+
+
+NATURAL_CLIENTS: dict[str, Callable[[dict[str, Any]], int]] = {
+    "shakespeare": _shakespeare_clients,
+}
+
+FASHION_MNIST_100 = Scenario(
+    name="fashion-mnist-100",
+    task="fashion-mnist",
+    clients=100,
+    per_round=10,
+    rounds=50,
+    partition="dirichlet",
+    alpha=0.3,
+    seed=0,
+    lr=0.05,
+    local_epochs=1,
+    batch_size=32,
+    target_accuracy=0.75,
+    runs=(
+        RunSpec("stock-flower-fedavg", stock=True),
+        RunSpec("none", "none"),
+        RunSpec("fp16", "fp16"),
+        RunSpec("int8", "int8"),
+        RunSpec("int4", "int4"),
+        RunSpec("topk=0.01+int4", "topk=0.01+int4"),
+        RunSpec("int8+downlink-int8", "int8", downlink="int8"),
+    ),
+)
+
+SHAKESPEARE = Scenario(
+    name="shakespeare",
+    task="shakespeare",
+    clients=0,  # one per (play, speaker): 1,049 with the defaults below
+    per_round=10,
+    rounds=50,
+    seed=0,
+    lr=0.8,
+    local_epochs=1,
+    batch_size=10,
+    target_accuracy=0.40,
+    # CPU budget: at most 640 training windows per client and round (a seeded subset);
+    # the server evaluates on 5,000 windows drawn from every client's held-out tail
+    extra={"max-client-samples": 640, "central-test-size": 5000, "test-fraction": 0.1},
+    runs=(RunSpec("none", "none"), RunSpec("int8", "int8"), RunSpec("int4", "int4")),
+)
+
+#: what the smoke variant of each scenario changes (rounds are always 2)
+SMOKE_CHANGES: dict[str, dict[str, Any]] = {
+    # the full scenario's 100-client partition, 2 clients a round
+    "fashion-mnist-100": {"per_round": 2},
+    # 4 roles chosen by the seed, all in every round, small windows caps
+    "shakespeare": {"clients": 4, "per_round": 4,
+                    "extra": {"max-client-samples": 150, "central-test-size": 300,
+                              "test-fraction": 0.1}},
+}
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (FASHION_MNIST_100, SHAKESPEARE)}
+
+
+def get_scenario(name: str, smoke: bool = False) -> Scenario:
+    """The scenario called `name` (its smoke variant with `smoke`)."""
+    try:
+        scenario = SCENARIOS[name]
+    except KeyError:
+        raise ValueError(f"unknown scenario {name!r}; choose {', '.join(SCENARIOS)}") from None
+    return scenario.smoke_variant() if smoke else scenario
