@@ -136,6 +136,9 @@ class DownlinkCompressor:
             return messages
         server_round = self._round_of(messages[0])
         stats = self.history.setdefault(server_round, DownlinkRound(server_round))
+        for old in self.history.values():  # per-node targets: the last few rounds only
+            if old.round < server_round - 2:
+                old.targets.clear()
         self._retire(server_round)
         groups: dict[str | None, list[Message]] = {}
         for msg in messages:

@@ -73,6 +73,12 @@ def _metric(record: Any, key: str) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
+def _figures(values: dict[str, float]) -> str:
+    return ", ".join(
+        f"{k} {int(v)}" if float(v).is_integer() else f"{k} {v:.4f}" for k, v in values.items()
+    )
+
+
 def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
 
@@ -90,18 +96,17 @@ def list_command(state: Path = _STATE, json_output: bool = _JSON) -> None:
     from rich.table import Table
 
     table = Table(title=f"models in {state} (current: {current[:12] if current else 'none'})")
-    for col in ("version", "status", "run", "round", "parent", "accuracy", "loss", "created"):
-        table.add_column(col)
+    for col in ("version", "status", "round", "parent", "accuracy", "loss", "created"):
+        table.add_column(col, no_wrap=True)
     for r in records:
         table.add_row(
             r.version[:12],
             str(r.status),
-            "" if r.run_id is None else str(r.run_id),
             str(r.round),
-            (r.parent_version or "")[:12],
+            (r.parent_version or "")[:8],
             _metric(r, "accuracy"),
             _metric(r, "loss"),
-            _when(r.created),
+            time.strftime("%m-%d %H:%M", time.localtime(r.created)),
         )
     Console().print(table)
 
@@ -138,7 +143,7 @@ def show_command(
     typer.echo(f"run/round  {record.run_id} / {record.round}")
     typer.echo(f"created    {_when(record.created)} by {record.created_by}")
     typer.echo(f"file       {size:,} bytes (fp32 snapshot)")
-    ev = ", ".join(f"{k} {v:.4f}" for k, v in sorted(record.evaluation.items())) or "none"
+    ev = _figures(dict(sorted(record.evaluation.items()))) or "none"
     typer.echo(f"evaluation {ev}")
     typer.echo("lineage    " + " <- ".join(r.version[:12] for r in lineage))
     for p in history:
@@ -178,7 +183,7 @@ def evaluate_command(
     with _registry(state) as reg:
         figures = reg.evaluate(version)
         full = reg.resolve(version)
-    typer.echo(f"{full}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+    typer.echo(f"{full}: {_figures(figures)}")
 
 
 def export_command(

@@ -77,7 +77,8 @@ def device_compute(scenario: Scenario, clients: int) -> dict[str, Any]:
     batch = int(scenario.batch_size or defaults.get("batch-size", 32))
     lr = float(scenario.lr or defaults.get("lr", 0.05))
     epochs = int(scenario.local_epochs or defaults.get("local-epochs", 1))
-    per_example = calibrate(scenario.task, config, clients, batch, lr)
+    per_example = calibrate(scenario.task, config, clients, batch, lr,
+                            examples=64 if scenario.smoke else 256)
     sizes = partition_sizes(scenario.task, config, clients)
     largest = expected_max_examples(sizes, scenario.per_round, seed=scenario.seed) * epochs
     return {"seconds_per_example_here": round(per_example, 6),

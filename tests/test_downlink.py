@@ -201,3 +201,26 @@ def test_a_device_that_lost_its_anchor_costs_one_round_then_gets_the_full_model(
     run_server_app_inprocess(make_server_app(listeners=[wipe]), grid)
     assert rounds[1].rejected_reasons == {"client_error": 1} and rounds[1].accepted == 3
     assert made[0].history[3].full_messages == 1 and rounds[2].rejected == 0
+
+
+@pytest.mark.timeout(240)
+def test_edge_fleet_over_grpc_sends_deltas_to_fedge_devices_only(tmp_path) -> None:
+    """Coordinator and 3 device processes (one a stock ClientApp), real gRPC with TLS."""
+    from test_coordinator_e2e import _completed, fleet_of
+
+    with fleet_of(tmp_path) as fleet:
+        fleet.start_coordinator("--rounds", "3", "--min-devices", "3", "--min-train-nodes", "3",
+                                "--codec", "int8", "--round-timeout", "90",
+                                "--run-config", "downlink-codec=int8")
+        for i, app in enumerate(["fedge.client.client_app:app"] * 2 + ["e2e_apps:stock_app"]):
+            fleet.start_device(f"dev{i}", "--partition-id", str(i), "--num-partitions", "3",
+                               "--app", app)
+        assert fleet.wait_coordinator(200) == 0
+        rounds, _ = fleet.rounds()
+    assert _completed(rounds) == [1, 2, 3]
+    assert all(r.metrics.accepted == 3 and r.metrics.rejected == 0 for r in rounds)
+    full = rounds[0].metrics.downlink_bytes / 3  # round 1: the plain model to everyone
+    for r in rounds[1:]:  # then: 2 deltas (fedge devices) + 1 plain model (stock device)
+        delta = (r.metrics.downlink_bytes - full) / 2
+        assert full / delta >= 3.5, r.metrics
+    assert rounds[-1].metrics.accuracy > 0.8

@@ -151,11 +151,11 @@ def test_natural_split_has_one_client_per_play_and_speaker() -> None:
 @needs_tarball
 def test_task_trains_and_the_central_test_is_held_out() -> None:
     task = resolve_task("shakespeare")
-    config = {"seed": 0, "max-client-samples": 300, "central-test-size": 500}
+    config = {"seed": 0, "max-client-samples": 120, "central-test-size": 200}
     data = task.load_partition(1, 8, config)
-    assert data.x_train.shape == (300, SEQ_LEN) and data.num_test > 0
+    assert data.x_train.shape == (120, SEQ_LEN) and data.num_test > 0
     x, y = task.central_test(config)
-    assert x.shape == (500, SEQ_LEN) and set(np.unique(y)) <= set(range(80))
+    assert x.shape == (200, SEQ_LEN) and set(np.unique(y)) <= set(range(80))
     model = task.make_model()
     before, _ = evaluate(model, x, y)
     train(model, data.x_train, data.y_train, epochs=1, batch_size=10, lr=0.8)

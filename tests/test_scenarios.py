@@ -1,0 +1,152 @@
+"""Benchmark scenarios: their definitions, the 2-round smoke of each, profiles and tables.
+
+The smokes run in-process (fedge's Grid, no Ray start-up); Fashion-MNIST's uses
+a small IDX copy of the real files so the server's central evaluation is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedge.common.datasets import DEFAULT_FASHION_MNIST_DIR, load_idx_raw
+from fedge.common.shakespeare import DEFAULT_SHAKESPEARE_DIR, TARBALL
+from fedge.simulations.profiles import (
+    PROFILES,
+    estimate,
+    expected_max_examples,
+    round_seconds,
+)
+from fedge.simulations.report import load_report
+from fedge.simulations.scenario_run import run_scenario
+from fedge.simulations.scenarios import SCENARIOS, get_scenario
+from fedge.simulations.summary import final_accuracy, markdown_table, rounds_to
+
+FEDGE = [sys.executable, "-c", "from fedge.cli import app; app()"]
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def test_scenarios_are_the_issues() -> None:
+    fm = SCENARIOS["fashion-mnist-100"]
+    assert (fm.task, fm.clients, fm.per_round, fm.partition, fm.alpha) == (
+        "fashion-mnist", 100, 10, "dirichlet", 0.3)
+    assert (fm.local_epochs, fm.batch_size) == (1, 32) and fm.rounds >= 50
+    assert [r.label for r in fm.runs] == [
+        "stock-flower-fedavg", "none", "fp16", "int8", "int4", "topk=0.01+int4",
+        "int8+downlink-int8"]
+    assert fm.runs[0].stock and fm.runs[-1].downlink == "int8"
+    config = fm.run_config(fm.runs[-1])
+    assert config["downlink-codec"] == "int8" and config["min-train-nodes"] == 10
+    assert config["fraction-train"] == pytest.approx(0.1) and config["seed"] == 0
+    sh = SCENARIOS["shakespeare"]
+    assert [r.codec for r in sh.runs] == ["none", "int8", "int4"] and sh.clients == 0
+    for name in SCENARIOS:
+        smoke = get_scenario(name, smoke=True)
+        assert smoke.rounds == 2 and smoke.engine == "inprocess" and smoke.smoke
+    with pytest.raises(ValueError, match="unknown scenario"):
+        get_scenario("cifar")
+
+
+def test_profile_estimate_adds_transfer_and_compute() -> None:
+    pi = PROFILES["pi4-lte"]
+    record = {"round": 1, "accuracy": 0.5, "downlink_bytes": 10 * 2_500_000,
+              "uplink_bytes": 10 * 625_000, "accepted": 10}
+    # 2.5 MB down at 20 Mbit/s = 1 s; 0.625 MB up at 5 Mbit/s = 1 s; compute 0.5 s x 4
+    assert round_seconds(record, pi, 0.5, 10) == pytest.approx(1 + 2 + 1)
+    rounds = [record, {**record, "round": 2, "accuracy": 0.8}]
+    got = estimate(rounds, pi, 0.5, 10, target=0.75)
+    assert got["rounds_to_target"] == 2 and got["time_to_target_s"] == pytest.approx(8.0)
+    assert estimate(rounds, pi, 0.5, 10, target=0.9)["time_to_target_s"] is None
+    assert expected_max_examples([5, 5, 5], 2) == 5
+    assert 40 < expected_max_examples([1] * 9 + [100], 5) < 60  # P(the 100 is drawn) = 0.5
+
+
+def test_table_figures() -> None:
+    rounds = [{"round": i, "accuracy": a, "uplink_bytes": 1e6, "downlink_bytes": 4e6}
+              for i, a in enumerate([0.1, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], start=1)]
+    assert final_accuracy(rounds) == pytest.approx(0.8)
+    assert rounds_to(rounds, 0.65) == 4
+    summary = {"final_accuracy": 0.8, "rounds_to_target": 4, "uplink_mb": 7.0,
+               "downlink_mb": 28.0}
+    profile = {"pi4-lte": {"time_to_target_s": 300.0}}
+    report = {"runs": [
+        {"codec": "none", "summary": summary, "profiles": profile, "wall_seconds": 10},
+        {"codec": "int8", "summary": {**summary, "final_accuracy": 0.795, "uplink_mb": 1.75},
+         "profiles": {"pi4-lte": {"time_to_target_s": None}}, "wall_seconds": 12},
+    ]}
+    table = markdown_table(report)
+    assert "| `int8` | 0.7950 | -0.50 | 4 | 1.75 | 4.0 |" in table
+    assert "5.0 min" in table and "not reached" in table
+
+
+def _write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    with open(folder / f"{prefix}-images-idx3-ubyte", "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, len(images), 28, 28) + images.tobytes())
+    with open(folder / f"{prefix}-labels-idx1-ubyte", "wb") as f:
+        f.write(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def small_fashion_mnist(tmp_path: Path) -> Path:
+    """The first 3,000 training and 500 test images of the real files."""
+    if not DEFAULT_FASHION_MNIST_DIR.exists():
+        pytest.skip(f"{DEFAULT_FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist")
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    for split, prefix, n in (("train", "train", 3000), ("test", "t10k", 500)):
+        images, labels = load_idx_raw(DEFAULT_FASHION_MNIST_DIR, split)
+        _write_idx(folder, prefix, np.asarray(images[:n], dtype=np.uint8), labels[:n])
+    return folder
+
+
+def test_fashion_mnist_100_smoke(tmp_path: Path, small_fashion_mnist: Path) -> None:
+    """Every run of the scenario, 2 rounds of 2 clients, in-process: the report is complete."""
+    scenario = get_scenario("fashion-mnist-100", smoke=True)
+    scenario = replace(scenario, extra={"data-dir": str(small_fashion_mnist)})
+    report = load_report(run_scenario(scenario, tmp_path / "out"))
+    runs = {r["codec"]: r for r in report["runs"]}
+    assert list(runs) == [r.label for r in scenario.runs]
+    for run in runs.values():
+        assert [r["round"] for r in run["rounds"]] == [1, 2]
+        assert all(0 <= r["accuracy"] <= 1 and r["rejected"] == 0 for r in run["rounds"])
+        assert set(run["profiles"]) == {"pi4-lte", "phone-wifi", "pi-zero-3g"}
+        assert run["summary"]["rounds"] == 2 and run["wall_seconds"] > 0
+    up = {k: v["summary"]["uplink_mb"] for k, v in runs.items()}
+    # the stock peer and fedge `none` move the same bytes and land on the same model
+    assert up["stock-flower-fedavg"] == pytest.approx(up["none"], rel=0.01)
+    assert runs["stock-flower-fedavg"]["summary"]["final_accuracy"] == pytest.approx(
+        runs["none"]["summary"]["final_accuracy"], abs=0.01)
+    assert up["none"] / up["int8"] > 3.5 and up["none"] / up["int4"] > 7
+    assert up["none"] / up["topk=0.01+int4"] > 100
+    assert runs["int8+downlink-int8"]["apps"] == "fedge"
+    assert report["meta"]["command"] == "fedge simulate --scenario fashion-mnist-100 --smoke"
+    assert (tmp_path / "out" / "report.md").read_text().count("| `") == 7
+
+
+@pytest.mark.skipif(not (DEFAULT_SHAKESPEARE_DIR / TARBALL).exists(),
+                    reason="Shakespeare tarball missing: run ./run setup")
+def test_shakespeare_smoke_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "shk"
+    done = subprocess.run([*FEDGE, "simulate", "--scenario", "shakespeare", "--smoke",
+                           "--out", str(out)], env=ENV, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = load_report(out / "report.json")
+    assert [r["codec"] for r in report["runs"]] == ["none", "int8", "int4"]
+    assert report["meta"]["clients"] == 4
+    for run in report["runs"]:
+        assert len(run["rounds"]) == 2 and run["rounds"][-1]["rejected"] == 0
+    assert (out / "report.png").exists() and "| `int4` |" in (out / "report.md").read_text()
+
+
+def test_unknown_scenario_is_a_clear_error() -> None:
+    done = subprocess.run([*FEDGE, "simulate", "--scenario", "cifar"], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown scenario" in done.stdout
