@@ -85,7 +85,7 @@ def predict_command(
     try:
         predictor = load_predictor(model, task=task, kernels=kernels)
     except ModelFileError as e:
-        raise _fail(f"refused model file {model}: {e}") from None
+        raise _fail(f"refused model file {model} ({e.reason}): {e.detail}") from None
     rows: list[dict[str, Any]] = []
     for path in inputs:
         try:

@@ -174,7 +174,10 @@ def load_predictor(
         raise ModelFileError("model_mismatch", f"task {the_task.name!r}: {e}") from None
     used = "float"
     if kernels != "float" and mf.int8_rows:
-        swapped = _int8_linear(model, mf) if int8_kernels_available() else 0
+        swapped = _int8_linear(model, mf) if int8_kernels_available() else []
+        if swapped and not _runs(model, mf.input_shape):
+            _put_back(model, swapped)  # e.g. a forward that reads `fc.weight` itself
+            swapped = []
         if swapped:
             used = "int8"
         elif kernels == "int8":
@@ -243,8 +246,11 @@ def int8_kernels_available() -> bool:
     return any(e in engines for e in ("x86", "fbgemm", "qnnpack", "onednn"))
 
 
-def _int8_linear(model: nn.Module, mf: ModelFile) -> int:
-    """Replace Linear layers stored as per-channel int8 with dynamic int8 ones; how many."""
+def _int8_linear(model: nn.Module, mf: ModelFile) -> list[tuple[str, nn.Module]]:
+    """Swap Linear layers stored as per-channel int8 for dynamic int8 ones.
+
+    Returns the (name, original layer) pairs replaced, so a caller can put them back.
+    """
     from torch.ao.nn.quantized import dynamic as nnqd
 
     swaps = []
@@ -276,11 +282,27 @@ def _int8_linear(model: nn.Module, mf: ModelFile) -> int:
                 layer.set_weight_bias(qweight, bias)
                 made.append((name, layer))
     except (RuntimeError, AttributeError, TypeError, NotImplementedError):
-        return 0  # this torch cannot build them: keep every layer in float
-    for name, layer in made:
+        return []  # this torch cannot build them: keep every layer in float
+    originals = [(name, module) for name, module, _, _ in swaps]
+    _put_back(model, made)
+    return originals
+
+
+def _put_back(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Set each named submodule to the given layer."""
+    for name, layer in layers:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, layer)
-    return len(made)
+
+
+def _runs(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Whether the model gives finite outputs for one example of zeros."""
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros((1, *input_shape)))
+        return isinstance(out, torch.Tensor) and bool(torch.isfinite(out).all())
+    except (RuntimeError, AttributeError, TypeError, ValueError, NotImplementedError):
+        return False
 
 
 def weight_bytes(model: nn.Module) -> int:

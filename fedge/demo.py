@@ -179,6 +179,9 @@ def run_demo(out: Path, *, devices: int = 3, rounds: int = 5, timeout_s: float =
     except RuntimeError as e:
         print(f"fedge demo: {e}", flush=True)
         return 1
+    except KeyboardInterrupt:
+        print("fedge demo: interrupted; stopping what it started", flush=True)
+        return 130
     finally:
         stop(procs)
     table_ok = _print_rounds(state, rounds)

@@ -289,7 +289,6 @@ class Coordinator:
     def _run_app(self) -> str:
         from flwr.app import Context, RecordDict
 
-        from fedge.common.task import resolve_task
         from fedge.server.server_app import make_server_app
 
         assert self.grid is not None and self.store is not None and self.models is not None
@@ -301,8 +300,6 @@ class Coordinator:
         }
         need = self.options.min_devices
         self.out(f"waiting for {need} device(s) to join")
-        # load the central test set while devices connect (the task memoises it per config)
-        resolve_task(str(config.get("task", "digits"))).central_test(config)
         nodes = self.grid.wait_for_nodes(need)
         num_rounds = int(self.run_config.get("num-rounds", 3))
         self.out(f"{len(nodes)} device(s) live; round {self.first_round} of {num_rounds} starts")

@@ -50,7 +50,8 @@ class RegistryError(Exception):
     """A registry call cannot be honoured; `reason` is a stable code.
 
     Reasons: `not_found`, `ambiguous`, `bad_ref`, `no_current`, `no_previous`,
-    `not_evaluated`, `bad_format`, `bad_task`, `missing_file`, `corrupt`.
+    `not_evaluated`, `bad_format`, `bad_task`, `missing_file`, `corrupt`,
+    `export_failed`.
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -123,7 +124,7 @@ class Registry:
         self.store = store
         self.models = models
         self._clock = clock
-        self._cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = export_cache_bytes
         self._cache_lock = threading.Lock()
@@ -418,7 +419,8 @@ class Registry:
         if fmt not in EXPORT_FORMATS:
             raise RegistryError("bad_format", f"{fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
         record = self.get(ref)
-        key = (record.version, fmt)
+        # the evaluation is in the file: a new one must not be served from an old entry
+        key = (record.version, fmt, json.dumps(record.evaluation, sort_keys=True))
         with self._cache_lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -428,7 +430,15 @@ class Registry:
         task = self.task(record.version)
         if not task.input_shape:
             raise RegistryError("bad_task", f"task {task.name!r} declares no input_shape")
-        data = export_model(
+        try:
+            data = self._export(record, arrays, task, fmt)
+        except ValueError as e:
+            raise RegistryError("export_failed", f"{record.version[:12]} as {fmt}: {e}") from None
+        self._remember(key, data)
+        return data
+
+    def _export(self, record: ModelRecord, arrays: Any, task: Any, fmt: str) -> bytes:
+        return export_model(
             arrays,
             fmt=fmt,
             task=self.task_name(record.version),
@@ -443,8 +453,6 @@ class Registry:
             },
             evaluation=record.evaluation,
         )
-        self._remember(key, data)
-        return data
 
     # ------------------------------------------------------------ plumbing
 
@@ -484,7 +492,7 @@ class Registry:
             reason = "missing_file" if e.reason == "not_found" else "corrupt"
             raise RegistryError(reason, str(e)) from None
 
-    def _remember(self, key: tuple[str, str], data: bytes) -> None:
+    def _remember(self, key: tuple[str, str, str], data: bytes) -> None:
         if len(data) > self._cache_limit:
             return
         with self._cache_lock:

@@ -115,6 +115,30 @@ def test_kernel_choice(mlp_file: bytes) -> None:
         load_predictor(mlp_file, kernels="gpu")
 
 
+class _ReadsItsWeight(torch.nn.Module):
+    """A forward that uses `fc.weight` directly, which a dynamic int8 Linear cannot serve."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.fc.weight.T
+
+
+def test_int8_kernels_fall_back_when_the_model_cannot_use_them() -> None:
+    task = Task(name="reads", model_fn=_ReadsItsWeight, partition_fn=lambda *a: None)
+    data = export_model(
+        model_to_arrays(_ReadsItsWeight()), fmt="int8", task="reads", input_shape=(1, 8, 8)
+    )
+    p = load_predictor(data, task=task)
+    assert p.kernels == "float" and type(p.model.fc) is torch.nn.Linear
+    assert p.predict(np.ones((2, 1, 8, 8), np.float32)).classes.shape == (2,)
+    with pytest.raises(ModelFileError, match="unsupported"):
+        load_predictor(data, task=task, kernels="int8")
+
+
 def test_batches_give_the_same_answer(mlp_file: bytes) -> None:
     p = load_predictor(mlp_file, kernels="float")
     x = np.random.default_rng(1).random((37, 1, 8, 8), dtype=np.float32)
