@@ -28,7 +28,8 @@ def client_group() -> None:
 
 @client_app_cli.command("run")
 def run_command(
-    coordinator: str = typer.Option(..., "--coordinator", help="The coordinator's HOST:PORT."),
+    coordinator: str = typer.Option("", "--coordinator", help="The coordinator's HOST:PORT "
+                                    "(default for an enrolled --data: its device port)."),
     data: Path = typer.Option(
         ..., "--data", help="The device's folder: identity, state, outbox; tasks get it as "
         "node config 'data-dir' for local data."
@@ -55,6 +56,15 @@ def run_command(
     max_backoff: float = typer.Option(60.0, "--max-backoff", min=1.0,
                                       help="Longest wait between reconnect attempts, s."),
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning."),
+    inference_only: bool = typer.Option(False, "--inference-only", help="Do not train: keep "
+                                        "the coordinator's current model in --data (verified) "
+                                        "for `fedge predict`; needs --model-url."),
+    model_url: str = typer.Option("", "--model-url", help="Inference-only: the coordinator's "
+                                  "HTTP API, e.g. http://127.0.0.1:9093."),
+    model_format: str = typer.Option("int8", "--model-format", help="Inference-only: fp32 | "
+                                     "fp16 | int8 | int4."),
+    poll_interval: float = typer.Option(10.0, "--poll-interval", min=0.1, help="Inference-only: "
+                                        "seconds between checks for a new model."),
 ) -> None:
     """Join a coordinator and train on this device's data whenever it asks, until stopped."""
     import asyncio
@@ -64,6 +74,21 @@ def run_command(
     import socket
     import sys
 
+    if inference_only:
+        _run_inference_only(model_url, data, model_format, poll_interval, log_level)
+    credentials = None
+    if not insecure and (data.expanduser() / "identity" / "enrollment.json").exists():
+        from fedge.client.enroll import EnrollError, load_credentials
+
+        try:  # enrolled: mutual TLS with the device certificate, signed results
+            credentials = load_credentials(data)
+        except EnrollError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(2) from None
+        coordinator = coordinator or credentials.device_target
+    if not coordinator:
+        raise typer.BadParameter("give --coordinator HOST:PORT, or `fedge enroll` this --data "
+                                 "folder first", param_hint="--coordinator")
     _check_options(coordinator, ca, insecure, partition_id, num_partitions, app)
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
@@ -82,6 +107,7 @@ def run_command(
             coordinator, data, ca_cert=ca, insecure=insecure,
             name=name or socket.gethostname(), node_config=node_config,
             client_app_ref=app, chunk_size=chunk_size, max_backoff=max_backoff,
+            credentials=credentials,
         )
     except (OSError, ValueError, DeviceFolderError) as e:
         typer.echo(f"Error: {e}", err=True)
@@ -106,6 +132,27 @@ def run_command(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _run_inference_only(
+    model_url: str, data: Path, model_format: str, poll_interval: float, log_level: str
+) -> None:
+    import logging
+
+    if not model_url:
+        raise typer.BadParameter("--inference-only needs --model-url", param_hint="--model-url")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from fedge.client.inference_device import run_cli
+
+    try:
+        code = run_cli(model_url, data.expanduser(), fmt=model_format, interval_s=poll_interval)
+    except ValueError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 def _check_options(

@@ -4,8 +4,9 @@ Add it to any ClientApp whose train handler replies with full weights (one
 ArrayRecord and one MetricRecord with `num-examples`, as Flower's strategies
 expect): `ClientApp(mods=[compression_mod])`. On a `train` message it
 
-1. remembers the global weights that came in (the seam where a compressed
-   global model will be decoded, once the downlink is compressed),
+1. remembers the global weights that came in (a compressed downlink has
+   already been rebuilt into plain weights by `fedge.client.downlink_cache`,
+   which wraps this mod),
 2. calls the app,
 3. takes the reply's full weights and computes `delta = local - global`,
 4. encodes the delta with the codec named in the train config (`fedge.codec`),
@@ -42,6 +43,7 @@ CODEC_KEY = "fedge.codec"
 BASE_VERSION_KEY = "fedge.base-version"
 RUN_ID_KEY = "fedge.run-id"
 RESIDUAL_STATE_KEY = "fedge.residual"
+RESET_RESIDUAL_KEY = "fedge.reset-residual"  # train config: start without the residual
 WEIGHT_KEY = "num-examples"
 
 
@@ -66,9 +68,8 @@ def _array_record(message: Message) -> tuple[str, ArrayRecord] | None:
 def incoming_global(message: Message) -> dict[str, np.ndarray] | None:
     """The global weights a train message carries, as numpy.
 
-    This is where a compressed global model (downlink compression) will be
-    decoded and the message's ArrayRecord restored to plain weights before the
-    app sees it; today the downlink is plain.
+    A compressed downlink is rebuilt into plain weights before this runs
+    (`fedge.client.downlink_cache.with_downlink` wraps the mod).
     """
     found = _array_record(message)
     if found is None:
@@ -179,7 +180,9 @@ def make_compression_mod(
             update, residual = encode_update(
                 delta,
                 spec,
-                residual=_usable_residual(load_residual(context, state_key), delta),
+                residual=None
+                if cfg.get(RESET_RESIDUAL_KEY)
+                else _usable_residual(load_residual(context, state_key), delta),
                 rng=_rng(context, server_round),
                 run_id=str(cfg.get(RUN_ID_KEY, "")),
                 round=server_round,

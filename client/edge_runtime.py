@@ -165,6 +165,10 @@ class EdgeDevice:
     ClientApp, fedge's own (with the compression mod) by default;
     `chunk_size` caps the upload/download chunk (else the coordinator's);
     `max_backoff` caps the reconnect delay, seconds.
+    `credentials` (`fedge.client.enroll.load_credentials(data)`) make it an
+    enrolled device: mutual TLS with its certificate, its device id from the
+    certificate, every result header signed with its key; `coordinator` may
+    then be "" (the device port recorded at enrollment).
     """
 
     def __init__(
@@ -183,7 +187,11 @@ class EdgeDevice:
         poll_wait_s: float = 30.0,
         stall_timeout_s: float = 60.0,
         rng: UniformSource | None = None,
+        credentials: Any = None,
     ) -> None:
+        self.credentials = credentials
+        if credentials is not None and not coordinator:
+            coordinator = credentials.device_target
         self.target = parse_target(coordinator)
         self.ca_pem = Path(ca_cert).read_bytes() if ca_cert else None
         self.insecure = insecure
@@ -242,22 +250,31 @@ class EdgeDevice:
         heartbeat: asyncio.Task | None = None
         try:
             self.identity = self.folder.load_identity(self.name)
+            creds = self.credentials
+            if creds is not None:  # the certificate names this device
+                ident = self.identity
+                if (ident.device_id, ident.node_id) != (creds.device_id, creds.node_id):
+                    ident.device_id, ident.node_id = creds.device_id, creds.node_id
+                    self.folder.save_identity(ident)
             channel = open_channel(
                 self.target,
                 ca_pem=self.ca_pem,
                 insecure=self.insecure,
                 reconnect_backoff=(self.backoff.base, self.backoff.cap),
+                credentials=creds.channel_credentials() if creds is not None else None,
             )
             self._link = CoordinatorLink(
                 channel, chunk_size=self.chunk_size, stall_timeout_s=self.stall_timeout_s
             )
             self._uploader = Uploader(
-                self._link.stub, self._token, stall_timeout_s=self.stall_timeout_s
+                self._link.stub, self._token, stall_timeout_s=self.stall_timeout_s,
+                signer=_result_signer(creds) if creds is not None else None,
             )
             log.info(
                 "device %s (%s) serving %s over %s", self.identity.device_id,
                 self.identity.name or "unnamed", self.target,
-                "plaintext (--insecure)" if self.insecure else "TLS",
+                "plaintext (--insecure)" if self.insecure
+                else "mutual TLS" if creds is not None else "TLS",
             )
             heartbeat = asyncio.create_task(self._heartbeat_loop())
             if self._stopping:
@@ -473,3 +490,16 @@ class EdgeDevice:
         env = task.envelope
         self.completed.append(TaskStats(env.task_id, env.run_id, env.round, env.message_type,
                                         task.bytes_down, bytes_up, seconds, outcome))
+
+
+def _result_signer(creds: Any) -> Callable[[OutboxEntry], bytes]:
+    """Signs result headers with the enrolled device's key (loaded once, kept in memory)."""
+    from fedge.common.signing import sign_result
+
+    key = creds.private_key()
+
+    def sign(entry: OutboxEntry) -> bytes:
+        return sign_result(key, run_id=entry.run_id, round=entry.round, task_id=entry.task_id,
+                           payload_sha256=entry.sha256)
+
+    return sign

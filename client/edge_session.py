@@ -97,8 +97,12 @@ def open_channel(
     ca_pem: bytes | None,
     insecure: bool,
     reconnect_backoff: tuple[float, float] = (0.5, 30.0),
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
     """A TLS channel trusting `ca_pem` (system roots if None); plaintext only if `insecure`.
+
+    `credentials` (an enrolled device's mutual-TLS credentials,
+    `DeviceCredentials.channel_credentials()`) replace `ca_pem` when given.
 
     gRPC's own reconnect backoff is bounded like the runtime's, so a channel
     does not sit in a long internal backoff after the coordinator is back.
@@ -114,7 +118,7 @@ def open_channel(
     ]
     if insecure:
         return grpc.aio.insecure_channel(target, options=options)
-    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    creds = credentials or grpc.ssl_channel_credentials(root_certificates=ca_pem)
     return grpc.aio.secure_channel(target, creds, options=options)
 
 

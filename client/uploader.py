@@ -63,7 +63,13 @@ class _Dropped(Exception):
 
 
 class Uploader:
-    """Uploads outbox entries over `stub`; `token()` gives the current session token."""
+    """Uploads outbox entries over `stub`; `token()` gives the current session token.
+
+    `signer` (an enrolled device) returns the signature for an entry's header:
+    ECDSA with the device key over run, round, task id and payload SHA-256
+    (`fedge.common.signing.sign_result`); without it headers go unsigned
+    (`--insecure` coordinators do not check).
+    """
 
     def __init__(
         self,
@@ -74,8 +80,11 @@ class Uploader:
         call_timeout_s: float = 20.0,
         stall_timeout_s: float = 60.0,
         reply_timeout_s: float = 300.0,
+        signer: Callable[[OutboxEntry], bytes] | None = None,
     ) -> None:
         self.stub = stub
+        self.signer = signer
+        self._signatures: dict[str, bytes] = {}
         self.token = token
         self.chunk_size = min(int(chunk_size), MAX_CHUNK_SIZE)
         self.call_timeout_s = call_timeout_s
@@ -184,6 +193,7 @@ class Uploader:
             sha256=entry.sha256,
             offset=offset,
             payload_format=PAYLOAD_FORMAT,
+            signature=self._signature(entry),
         )
         call = self.stub.PushResult()
         try:
@@ -207,6 +217,16 @@ class Uploader:
         finally:
             if not call.done():
                 call.cancel()
+
+    def _signature(self, entry: OutboxEntry) -> bytes:
+        if self.signer is None:
+            return b""
+        sig = self._signatures.get(entry.task_id)
+        if sig is None:  # one signature per result, however many streams its upload takes
+            if len(self._signatures) >= 64:
+                self._signatures.clear()
+            sig = self._signatures[entry.task_id] = self.signer(entry)
+        return sig
 
     async def _write(self, call: grpc.aio.StreamUnaryCall, msg: pb.ResultChunk) -> bool:
         """Write one message; False once the call has ended (its status tells why)."""

@@ -2,8 +2,8 @@
 
 Encoding follows a `CodecSpec`: non-float tensors (and all under a lossless
 spec) go dense and exact; small float tensors go fp16; other float tensors go
-fp16, or int8/int4 with block scales, optionally sparse (top-k). Error feedback adds the previous residual first and returns the new
-one.
+fp16, or int8/int4 with block scales, optionally sparse (top-k). Error
+feedback adds the previous residual first and returns the new one.
 
 Decoding trusts nothing: every length is checked against the bytes actually
 present and against a caller's budget *before* anything is allocated, and any

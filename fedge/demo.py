@@ -1,8 +1,11 @@
 """`fedge demo`: the README's main job, a real federation on this machine's loopback.
 
 It starts what a user would start by hand, as separate processes: one
-`fedge coordinator run` (TLS on, its own CA) and three `fedge client run`
-devices that trust that CA, on digits with int8 updates for 5 rounds. The
+`fedge coordinator run` (TLS on, its own CA), enrolls three devices with a
+one-time token each (what `fedge coordinator token create` and `fedge enroll`
+do; the tokens are never printed or logged), then starts three
+`fedge client run` devices that call with their device certificates (mutual
+TLS) and sign their results, on digits with int8 updates for 5 rounds. The
 coordinator's per-round lines are relayed as they come; at the end the
 rounds are read back from the coordinator's SQLite and shown as a table.
 Every process it started is stopped by pid (SIGTERM, then SIGKILL); nothing
@@ -27,6 +30,7 @@ import typer
 
 _LISTEN = re.compile(r"^listening on (\S+):(\d+)$")
 _CA = re.compile(r"^TLS on: devices need --ca (.+)$")
+_ENROLL = re.compile(r"^enrollment on (\S+):(\d+)$")
 _CLI = "from fedge.cli import app; app()"
 
 
@@ -146,15 +150,21 @@ def run_demo(out: Path, *, devices: int = 3, rounds: int = 5, timeout_s: float =
         )
         procs.append(coordinator)
         ca = wait_for_line(coordinator, _CA, 60).group(1)
-        listen = wait_for_line(coordinator, _LISTEN, 60)
-        target = f"{listen.group(1)}:{listen.group(2)}"
+        wait_for_line(coordinator, _LISTEN, 60)
+        enroll_at = wait_for_line(coordinator, _ENROLL, 60)
+        enrolled = enroll_devices(
+            state, f"{enroll_at.group(1)}:{enroll_at.group(2)}", Path(ca),
+            [out / "devices" / f"device-{i}" for i in range(devices)],
+        )
+        print(f"  enrolled {devices} devices with one-time tokens: "
+              f"{', '.join(d[:12] for d in enrolled)}", flush=True)
         for i in range(devices):
             name = f"device-{i}"
             procs.append(
                 start(
                     name,
-                    fedge_command(
-                        "client", "run", "--coordinator", target, "--ca", ca,
+                    fedge_command(  # enrolled: its device port, mTLS, signed results
+                        "client", "run",
                         "--data", str(out / "devices" / name), "--name", name,
                         "--partition-id", str(i), "--num-partitions", str(devices),
                     ),
@@ -188,6 +198,27 @@ def run_demo(out: Path, *, devices: int = 3, rounds: int = 5, timeout_s: float =
     print(f"fedge demo: {'done' if ok and table_ok else 'FAILED'} in "
           f"{time.monotonic() - started:.1f} s; all {len(procs)} processes stopped", flush=True)
     return 0 if ok and table_ok else 1
+
+
+def enroll_devices(state: Path, enroll_target: str, ca: Path, folders: list[Path]) -> list[str]:
+    """Enroll each data folder with its own one-time token; returns the device ids.
+
+    Tokens are made in the coordinator's store (what `fedge coordinator token
+    create` does; SQLite lets a second process in) and handed to `enroll` in
+    memory: never printed, logged, or put on a command line.
+    """
+    from fedge.client.enroll import enroll
+    from fedge.server.store import Store
+    from fedge.server.tokens import TokenBook
+
+    ca_pem = ca.read_bytes()
+    ids = []
+    for folder in folders:
+        with Store.open(state / "fedge.db") as store:
+            issued = TokenBook(store).create(ttl_s=300, uses=1, label=f"demo {folder.name}")
+        creds = enroll(enroll_target, issued.token, ca_pem, data_dir=folder, name=folder.name)
+        ids.append(creds.device_id)
+    return ids
 
 
 def _print_rounds(state: Path, rounds: int) -> bool:

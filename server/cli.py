@@ -35,7 +35,12 @@ def run_command(
                                "models, TLS). Restarting with the same folder resumes the run."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 for every interface."),
     port: int = typer.Option(9092, min=0, max=65535, help="Port; 0 picks a free one (printed)."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plaintext gRPC (no TLS)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext gRPC (no TLS, no "
+                                  "device identity: any caller can join; lab use only)."),
+    enroll_port: int | None = typer.Option(None, "--enroll-port", min=0, max=65535,
+                                           help="Enrollment port (server TLS; `fedge enroll` "
+                                           "talks to it). Default 9095, or a free one when "
+                                           "--port is 0 (printed)."),
     task: str = typer.Option("digits", help="digits | fashion-mnist | module:object."),
     codec: str = typer.Option("int8", help="Codec devices use for their updates."),
     rounds: int = typer.Option(5, min=1, help="Federated rounds."),
@@ -57,12 +62,28 @@ def run_command(
     new_run: bool = typer.Option(False, "--new-run", help="Start a new run even if one can be "
                                  "resumed (the old one is marked stopped)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the service does."),
+    http_port: int | None = typer.Option(None, "--http-port", min=0, max=65535, help="Serve the "
+                                         "HTTP API (models, predict, /metrics) on this port; "
+                                         "0 picks a free one (printed)."),
+    http_host: str = typer.Option("127.0.0.1", "--http-host", help="Address the HTTP API binds "
+                                  "(it has no authentication)."),
+    continuous: bool = typer.Option(False, "--continuous", help="Rounds without end; each new "
+                                    "version becomes current only if it passes the gate."),
+    min_ready: int | None = typer.Option(None, "--min-ready", min=1, help="Continuous: a round "
+                                         "starts when this many devices are ready "
+                                         "(default: --min-devices)."),
+    every_minutes: float = typer.Option(0.0, "--every-minutes", min=0.0, help="Continuous: also "
+                                        "start a round this often with fewer devices (0: off)."),
+    promote_margin: float = typer.Option(0.01, "--promote-margin", min=0.0, help="Continuous: "
+                                         "a version may be this much less accurate than "
+                                         "current and still be promoted."),
 ) -> None:
     """Serve a federation: devices join over gRPC (TLS), the ServerApp runs the rounds."""
     import asyncio
     import logging
     import signal
 
+    from fedge.server.continuous import ContinuousSettings
     from fedge.server.coordinator import Coordinator, CoordinatorOptions
 
     logging.basicConfig(
@@ -86,6 +107,7 @@ def run_command(
         host=host,
         port=port,
         insecure=insecure,
+        enroll_port=enroll_port,
         run_config=config,
         min_devices=min_devices,
         chunk_size=chunk_size,
@@ -94,6 +116,12 @@ def run_command(
         keep_serving=keep_serving,
         new_run=new_run,
         tls_hostnames=tuple(tls_hostname),
+        http_port=http_port,
+        http_host=http_host,
+        continuous=ContinuousSettings(
+            min_ready=min_ready or min_devices, every_minutes=every_minutes,
+            promote_margin=promote_margin,
+        ) if continuous else None,
     )
 
     def say(line: str) -> None:

@@ -30,6 +30,7 @@ import secrets
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 import grpc
 
 from fedge.common.chunking import DEFAULT_CHUNK_SIZE
+from fedge.server.continuous import ContinuousSettings, round_config, wait_for_round
 from fedge.server.coordinator_service import (
     DEFAULT_MAX_RESULT_BYTES,
     CoordinatorService,
@@ -45,7 +47,9 @@ from fedge.server.coordinator_service import (
 )
 from fedge.server.fleet import Fleet
 from fedge.server.grpc_grid import GridStopped, GrpcGrid
+from fedge.server.metrics import Metrics
 from fedge.server.model_store import ModelStore
+from fedge.server.registry import Registry
 from fedge.server.round_metrics import RoundMetrics
 from fedge.server.store import Run, RunStatus, Store
 from fedge.server.tls import ensure_server_tls, server_credentials
@@ -58,6 +62,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 SERVER_ONLY_KEYS = ("report-path", "first-round", "initial-model")
 """Run-config keys the ServerApp alone reads; devices do not receive them."""
 
+DEFAULT_ENROLL_PORT = 9095
 _GRPC_OPTIONS = [
     # a second coordinator on the same port must fail, not share it
     ("grpc.so_reuseport", 0),
@@ -78,6 +83,7 @@ class CoordinatorOptions:
     host: str = "127.0.0.1"
     port: int = 0
     insecure: bool = False
+    enroll_port: int | None = None  # TLS mode: None -> 0 (free) if port is 0, else 9095
     run_config: dict[str, Any] = field(default_factory=dict)
     min_devices: int = 2
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -87,6 +93,9 @@ class CoordinatorOptions:
     new_run: bool = False
     tls_hostnames: tuple[str, ...] = ()
     grace_s: float = 2.0
+    http_port: int | None = None  # None: no HTTP API; 0: a free port (printed)
+    http_host: str = "127.0.0.1"
+    continuous: ContinuousSettings | None = None  # rounds without end, gated promotion
 
 
 @dataclass
@@ -114,11 +123,18 @@ class Coordinator:
         self.grid: GrpcGrid | None = None
         self.service: CoordinatorService | None = None
         self._server: grpc.aio.Server | None = None
+        self._enroll_server: grpc.aio.Server | None = None
+        self.enroll_port = 0
         self._thread: threading.Thread | None = None
         self._stop = asyncio.Event()
         self._outcome: asyncio.Future[str] | None = None
         self._audit: dict[int, _RoundAudit] = {}
         self._background: list[asyncio.Task] = []
+        self.registry: Registry | None = None
+        self.metrics = Metrics()
+        self.http: Any = None
+        self.http_port = 0
+        self._last_round_end = 0.0
 
     # ------------------------------------------------------------ start
 
@@ -130,6 +146,7 @@ class Coordinator:
         self.models = ModelStore(self.state_dir / "models")
         uploads = self.state_dir / "uploads"
         shutil.rmtree(uploads, ignore_errors=True)  # partial results of rounds that restart
+        self.registry = Registry(self.store, self.models)
         self._resolve_run()
         self.fleet = Fleet(heartbeat_interval_s=opts.heartbeat_interval_s)
         self.fleet.bind_loop(asyncio.get_running_loop())
@@ -149,7 +166,8 @@ class Coordinator:
             settings=ServiceSettings(
                 chunk_size=opts.chunk_size, max_result_bytes=opts.max_result_bytes
             ),
-            model_version=lambda: self.model_version,
+            model_version=self._served_version,
+            mtls=not opts.insecure,  # devices are who their client certificate says
         )
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_CoordinatorServicer_to_server(self.service, server)
@@ -159,7 +177,9 @@ class Coordinator:
         else:
             paths = ensure_server_tls(self.state_dir, self._hostnames())
             self.ca_path = paths.ca_cert
-            self.port = server.add_secure_port(address, server_credentials(paths))
+            self.port = server.add_secure_port(
+                address, server_credentials(paths, require_client_auth=True)
+            )
         if not self.port:
             raise OSError(f"cannot bind {address}")
         await server.start()
@@ -170,7 +190,50 @@ class Coordinator:
         else:
             self.out("TLS OFF (--insecure): traffic and session tokens travel in plaintext")
         self.out(f"listening on {_address(opts.host, self.port)}")
+        self._background.append(asyncio.create_task(self._watch_devices()))
+        if opts.http_port is not None:
+            self._start_http()
+        if not opts.insecure:
+            await self._start_enrollment(paths)
         return self.port
+
+    async def _start_enrollment(self, paths: Any) -> None:
+        """The enrollment port (server TLS only) next to the mTLS device port."""
+        from fedge.server.enrollment_service import EnrollmentService, start_enrollment_server
+
+        opts = self.options
+        port = opts.enroll_port
+        if port is None:
+            port = 0 if opts.port == 0 else DEFAULT_ENROLL_PORT
+        assert self.store is not None
+        service = EnrollmentService(self.store, paths, device_port=self.port)
+        self._enroll_server, self.enroll_port = await start_enrollment_server(
+            service, paths, host=opts.host, port=port
+        )
+        self.out(f"enrollment on {_address(opts.host, self.enroll_port)}")
+
+    def _served_version(self) -> str:
+        """What FetchModel without a version and heartbeats name: the registry's `current`."""
+        current = self.registry.current() if self.registry is not None else None
+        return current or self.model_version
+
+    def _start_http(self) -> None:
+        from fedge.server.http_api import HttpServer, make_http_app
+
+        assert self.registry is not None
+        opts = self.options
+        self.http = HttpServer(
+            make_http_app(self.registry, self.metrics), host=opts.http_host,
+            port=int(opts.http_port or 0),
+        )
+        self.http_port = self.http.start()
+        self.out(f"HTTP API on http://{_address(opts.http_host, self.http_port)}")
+
+    async def _watch_devices(self, every_s: float = 1.0) -> None:
+        while True:
+            if self.fleet is not None:
+                self.metrics.set_devices_connected(len(self.fleet.live_node_ids(training=False)))
+            await asyncio.sleep(every_s)
 
     def _hostnames(self) -> list[str]:
         names = list(self.options.tls_hostnames)
@@ -204,6 +267,10 @@ class Coordinator:
         self.run_config = dict(run.config)
         self.first_round = run.current_round + 1
         self.model_version = run.model_version or ""
+        if self.options.continuous is not None and self.registry is not None:
+            current = self.registry.current()
+            if current:  # continuous rounds train from `current`, not the last candidate
+                self.model_version = current
 
     def _create_run(self, config: dict[str, Any]) -> Run:
         from fedge.common.arrays import model_to_arrays
@@ -229,7 +296,7 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         self._outcome = loop.create_future()
         num_rounds = int(self.run_config.get("num-rounds", 3))
-        if self.first_round > num_rounds:
+        if self.first_round > num_rounds and self.options.continuous is None:
             self.store.set_run_status(self.run_id, RunStatus.COMPLETED)
             self.out(f"run {self.run_id}: already finished ({num_rounds} rounds)")
             self._outcome.set_result("finished")
@@ -256,8 +323,14 @@ class Coordinator:
         """Stop the ServerApp and the server, then close the state."""
         if self.grid is not None:
             self.grid.stop()
+        if self.http is not None:
+            await asyncio.to_thread(self.http.stop)
+            self.http = None
         for task in self._background:
             task.cancel()
+        if self._enroll_server is not None:
+            await self._enroll_server.stop(None)
+            self._enroll_server = None
         if self._server is not None:
             await self._server.stop(self.options.grace_s)
             self._server = None
@@ -293,6 +366,8 @@ class Coordinator:
 
         assert self.grid is not None and self.store is not None and self.models is not None
         app = make_server_app(on_round_end=[self._persist_round], listeners=[self._print_round])
+        if self.options.continuous is not None:
+            return self._run_continuous(app)
         config = {
             **self.run_config,
             "first-round": self.first_round,
@@ -310,6 +385,44 @@ class Coordinator:
         self.store.set_run_status(self.run_id, RunStatus.COMPLETED)
         self.out(f"run {self.run_id}: finished ({num_rounds} rounds, model {self.model_version})")
         return "finished"
+
+    def _run_continuous(self, app: Any) -> str:
+        """Rounds without end, one one-round ServerApp run each, from `current` (continuous.py)."""
+        from flwr.app import Context, RecordDict
+
+        assert self.grid is not None and self.models is not None
+        settings = self.options.continuous
+        assert settings is not None
+        grid = self.grid
+        min_train = int(self.run_config.get("min-train-nodes", 2))
+        self.out(
+            f"continuous: a round starts with {settings.min_ready} ready device(s)"
+            + (f" or every {settings.every_minutes:g} min" if settings.every_minutes else "")
+            + f"; promotion margin {settings.promote_margin:g} ({settings.metric})"
+        )
+        self._last_round_end = time.monotonic()
+        server_round = self.first_round
+        while True:
+            why = wait_for_round(
+                lambda: len(grid.get_node_ids()), settings, min_train_nodes=min_train,
+                last_round_end=self._last_round_end, stopped=grid._stopped.is_set,
+            )
+            if why == "stopped":
+                raise GridStopped("the coordinator is stopping")
+            base = self.model_version
+            last = self.store.get_run(self.run_id) if self.store is not None else None
+            config = round_config(
+                self.run_config, server_round, str(self.models.path(base)),
+                reset_residual=last is not None and (last.model_version or base) != base,
+            )
+            self.out(f"round {server_round} starts ({why}), from {base[:12]}")
+            context = Context(
+                run_id=self.run_id, node_id=0, node_config={}, state=RecordDict(),
+                run_config=config,
+            )
+            app(grid, context)
+            self._last_round_end = time.monotonic()
+            server_round += 1
 
     def _persist_round(self, end: Any) -> None:
         """Close the round, write the new model, commit the round: the durable step."""
@@ -329,9 +442,42 @@ class Coordinator:
             metrics=record,
             contributors=contributors,
             dropped=dropped,
+            # continuous: the round trained from `current`, not from the last candidate
+            parent_version=self.model_version if self.options.continuous else None,
         )
         self.model_version = version
         self._audit[server_round] = _RoundAudit(contributors, dropped)
+        self._register(version, record)
+
+    def _register(self, version: str, record: RoundMetrics) -> None:
+        """The registry and metrics after a committed round: evaluation, then promote or gate."""
+        registry, continuous = self.registry, self.options.continuous
+        assert registry is not None
+        evaluation = {k: v for k, v in (("accuracy", record.accuracy), ("loss", record.loss))
+                      if v is not None}
+        if evaluation:
+            registry.set_evaluation(version, evaluation)
+        self.metrics.add_bytes_in(record.uplink_bytes)
+        self.metrics.add_bytes_out(record.downlink_bytes)
+        if continuous is None:
+            registry.promote(version, reason=f"round {record.round}")
+        elif continuous.metric not in registry.get(version).evaluation:
+            registry.reject(version, f"round {record.round}: no {continuous.metric} to gate on")
+            self.out(f"round {record.round}: {version[:12]} not promoted (not evaluated)")
+        else:
+            decision = registry.gate(
+                version, margin=continuous.promote_margin, metric=continuous.metric
+            )
+            if decision.promoted:
+                self.out(f"round {record.round}: {version[:12]} promoted: {decision.reason}")
+            else:
+                log.warning("round %d: candidate %s rejected: %s", record.round, version[:12],
+                            decision.reason)
+                self.out(f"round {record.round}: {version[:12]} NOT promoted: {decision.reason}")
+        current = registry.current()
+        if continuous is not None and current:
+            self.model_version = current  # the next round trains from `current`
+        self.metrics.observe_round(record)
 
     def _print_round(self, record: RoundMetrics) -> None:
         audit = self._audit.get(record.round, _RoundAudit([], []))

@@ -4,7 +4,13 @@ docs/coordinator.md is the contract: RPC shapes, the status code of every
 refusal, the upload state machine and how transfers resume. In short:
 
 - Every call but `Join` names a session; `identify` is the one function that
-  binds a call to a device (issue 5 adds the client certificate there).
+  binds a call to a device. With `mtls=True` (the coordinator's TLS mode) the
+  device is the one whose client certificate the call presents, checked
+  against the registry on every call (`require_device`: UNAUTHENTICATED
+  unknown, PERMISSION_DENIED revoked), and the session must be that device's.
+  Results must carry the device's signature (`fedge.common.signing`),
+  verified after the hash and before anything is decoded. With `mtls=False`
+  (`--insecure`) the session alone names the device: no identity.
 - `PullTask` long-polls the device's queue in the `Fleet` and streams the
   task (a Flower message) as a header and chunks; `task_id` + `offset`
   resume a broken download.
@@ -42,8 +48,16 @@ from fedge.common.chunking import (
     is_sha256_hex,
     iter_file_chunks,
 )
+from fedge.common.signing import SignatureInvalid, verify_result
 from fedge.common.snapshot import PAYLOAD_FORMAT as MODEL_FORMAT
 from fedge.server import flower_compat as fc
+from fedge.server.audit import audit
+from fedge.server.device_identity import (
+    IdentityRefused,
+    identify_peer,
+    peer_cert_pem,
+    require_device,
+)
 from fedge.server.fleet import DeviceEntry, Fleet, TaskPayload
 from fedge.server.model_store import ModelStore
 from fedge.server.store import DeviceStatus, ResultStatus, Store, TaskState
@@ -92,8 +106,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         *,
         settings: ServiceSettings | None = None,
         model_version: Callable[[], str] = lambda: "",
+        mtls: bool = False,
     ) -> None:
         self.store = store
+        self.mtls = mtls
         self.fleet = fleet
         self.models = models
         self.uploads = Path(uploads_dir)
@@ -108,12 +124,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def identify(self, token: str, context: grpc.aio.ServicerContext) -> DeviceEntry:
         """The device this call speaks for; UNAUTHENTICATED if the session is unknown.
 
-        The one place a call is bound to a device: issue 5 adds the mTLS
-        client certificate here (`context.auth_context()["x509_common_name"]`
-        must name the session's device) and PERMISSION_DENIED for revoked ones.
+        The one place a call is bound to a device. Under mTLS the client
+        certificate decides who calls (checked against the registry on every
+        call, so a revocation is seen by the next one): UNAUTHENTICATED for a
+        certificate no device holds, PERMISSION_DENIED for a revoked device,
+        and the session must belong to that device (else UNAUTHENTICATED: Join
+        again). Without mTLS (`--insecure`) the session token alone decides.
         """
+        device_id = None
+        if self.mtls:
+            device_id = (await require_device(context, self.store)).id
         entry = self.fleet.authenticate(token)
         if entry is None:
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "unknown session; Join again")
+        if device_id is not None and entry.device_id != device_id:
+            audit("device_refused", reason="foreign_session", device=device_id)
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "unknown session; Join again")
         return entry
 
@@ -121,7 +146,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinReply:
         device_id = request.device_id or None
-        if device_id is not None and not _DEVICE_ID.fullmatch(device_id):
+        if self.mtls:  # the certificate names the device; the request's id is ignored
+            device_id = (await require_device(context, self.store)).id
+        elif device_id is not None and not _DEVICE_ID.fullmatch(device_id):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed device_id")
         if device_id is not None:
             known = self.store.get_device(device_id)
@@ -269,6 +296,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self._uploading.add(task_id)
         try:
             return await self._receive(task_id, header, stream, entry, live, context)
+        except IdentityRefused as e:  # revoked (or re-enrolled) while uploading
+            audit("device_refused", reason=e.reason, peer=context.peer())
+            await _abort(context, e.code, e.public_message)
         finally:
             self._uploading.discard(task_id)
 
@@ -357,15 +387,29 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     if upload.offset != durable:
                         self.store.record_progress(task_id, upload.save_partial())
                 upload.close()
-        outcome, detail = await asyncio.to_thread(self._finish, upload, entry, task)
+        outcome, detail = await asyncio.to_thread(
+            self._finish, upload, entry, task, header, context.auth_context() if self.mtls else None
+        )
         if outcome == "accepted":
             return pb.PushResultReply(accepted=True, offset=upload.total_size)
         if outcome == "duplicate":
             return pb.PushResultReply(accepted=True, offset=upload.total_size, duplicate=True)
         await _abort(context, _FINISH_STATUS[outcome], detail)
 
-    def _finish(self, upload: Upload, entry: DeviceEntry, task: TaskPayload) -> tuple[str, str]:
-        """Verify, validate and count a whole upload (in a worker thread: it hashes and parses)."""
+    def _finish(
+        self,
+        upload: Upload,
+        entry: DeviceEntry,
+        task: TaskPayload,
+        header: pb.ResultHeader,
+        auth_context: Any = None,
+    ) -> tuple[str, str]:
+        """Verify, validate and count a whole upload (in a worker thread: it hashes and parses).
+
+        Order: the payload's hash, then (mTLS) the device's signature over run,
+        round, task id and that hash, then the Flower reply is parsed, then
+        (mTLS) the device is looked up once more right before it is counted.
+        """
         task_id = task.task_id
         try:
             data = upload.payload()
@@ -376,6 +420,25 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 return "hash_mismatch", f"{e.detail}; send again from offset 0"
             self.store.record_progress(task_id, upload.offset)
             return "incomplete", str(e)
+        if auth_context is not None:
+            try:  # before anything is decoded: the bytes are the device's, for this task
+                verify_result(
+                    peer_cert_pem(auth_context) or b"",
+                    header.signature,
+                    run_id=task.run_id,
+                    round=task.round,
+                    task_id=task_id,
+                    payload_sha256=header.sha256,
+                )
+            except SignatureInvalid as e:
+                del data
+                upload.discard()
+                self.store.reject_result(task_id, "bad_signature")
+                self.fleet.drop(task_id)
+                audit("result_refused", reason="bad_signature", detail=e.reason, task=task_id,
+                      device=entry.device_id)
+                log.warning("result of task %s rejected (bad_signature: %s)", task_id, e.reason)
+                return "invalid", "result rejected: bad_signature"
         reason, parsed = _check_reply(data, task_id, entry, task)
         del data  # the parsed message holds the bytes from here on
         if reason is not None:
@@ -384,6 +447,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.fleet.drop(task_id)
             log.warning("result of task %s rejected (%s)", task_id, reason)
             return "invalid", f"result rejected: {reason}"
+        if auth_context is not None:
+            try:  # revoked while uploading: refused, nothing counted
+                identify_peer(auth_context, self.store)
+            except IdentityRefused:
+                upload.discard()
+                self.store.reject_result(task_id, "device_refused")
+                self.fleet.drop(task_id)
+                raise
         outcome = self.fleet.complete(
             task_id, upload.path, self.store.complete_result, parsed, upload.total_size
         )

@@ -95,6 +95,9 @@ class ServerConfig:
     report_path: str = ""
     first_round: int = 1
     initial_model: str = ""
+    # devices drop their error-feedback residual this round (continuous mode, after a
+    # rejected candidate: the residual belongs to an update that was thrown away)
+    reset_residual: bool = False
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> ServerConfig:
@@ -159,6 +162,8 @@ def train_config(cfg: ServerConfig, task: Task) -> ConfigRecord:
     config: dict[str, Any] = {k: v for k, v in task.train_defaults.items() if k in chosen}
     config.update({k: v for k, v in chosen.items() if v is not None})
     config["torch-threads"] = cfg.torch_threads
+    if cfg.reset_residual:
+        config["fedge.reset-residual"] = True
     return ConfigRecord(config)
 
 

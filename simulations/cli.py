@@ -35,8 +35,8 @@ def simulate_command(
                                  "options above; see simulations/BENCHMARKS.md."),
     smoke: bool = typer.Option(False, "--smoke", help="With --scenario: its 2-round variant "
                                "with few clients (what CI runs)."),
-    engine: str = typer.Option("", help="With --scenario: ray | inprocess (default: ray for a "
-                               "scenario, inprocess for --smoke)."),
+    engine: str = typer.Option("", help="With --scenario: inprocess (default: the same clients "
+                               "every run) | ray (Flower's engine; clients sampled per run)."),
     only: str = typer.Option("", help="With --scenario: comma-separated run labels to run."),
 ) -> None:
     """Run a federation of virtual devices in Flower's simulation engine, one run per codec."""

@@ -1,8 +1,10 @@
 """Run a benchmark scenario: every run in turn, then report.json, report.png, report.md.
 
-Runs go through Flower's simulation engine (Ray: `engine="ray"`, the full
-scenarios) or fedge's in-process Grid (`engine="inprocess"`: one process, no
-Ray start-up, what the smoke variants and CI use). Either way the apps are
+Runs go through fedge's in-process Grid (`engine="inprocess"`, the default:
+seeded node ids, so every run trains the same clients in the same rounds and
+runs differ only by what they compare; messages still cross Flower's protobuf)
+or Flower's simulation engine (`engine="ray"`: parallel actors, but random node
+ids per run, so each run samples different clients). Either way the apps are
 the real ones: fedge's ServerApp and ClientApp with the compression mod, or
 the stock Flower peer of `simulations/stock_flower.py`.
 """
