@@ -188,7 +188,8 @@ class Coordinator:
         if self.ca_path is not None:
             self.out(f"TLS on: devices need --ca {self.ca_path}")
         else:
-            self.out("TLS OFF (--insecure): traffic and session tokens travel in plaintext")
+            self.out("TLS OFF (--insecure): traffic and session tokens travel in plaintext; "
+                     "no device identity (any caller can join and push results)")
         self.out(f"listening on {_address(opts.host, self.port)}")
         self._background.append(asyncio.create_task(self._watch_devices()))
         if opts.http_port is not None:
@@ -484,8 +485,9 @@ class Coordinator:
         num_rounds = int(self.run_config.get("num-rounds", 3))
         acc = "n/a" if record.accuracy is None else f"{record.accuracy:.4f}"
         rejected = f", {record.rejected} rejected" if record.rejected else ""
+        total = "" if self.options.continuous else f"/{num_rounds}"
         self.out(
-            f"round {record.round}/{num_rounds}: accuracy {acc}, "
+            f"round {record.round}{total}: accuracy {acc}, "
             f"uplink {_size(record.uplink_bytes)}, downlink {_size(record.downlink_bytes)}, "
             f"devices {len(audit.contributors)} contributed, {len(audit.dropped)} dropped"
             f"{rejected}, {record.seconds:.1f} s"

@@ -129,6 +129,19 @@ def test_residual_persists_and_feeds_the_next_round() -> None:
     np.testing.assert_allclose(sent + r, 2 * STEP["w"], atol=1e-5)
 
 
+def test_reset_residual_starts_the_update_without_the_residual() -> None:
+    ctx = _context()
+    app = fixed_step_app()
+    first = decode_update(app(_message({**CFG, "server-round": 1}), ctx)
+                          .content["arrays"][UPDATE_KEY].data)
+    owed = ctx.state[RESIDUAL_STATE_KEY]["w"].numpy().copy()
+    assert np.abs(owed).max() > 0
+    msg = _message({**CFG, "server-round": 2, "fedge.reset-residual": True})
+    second = decode_update(app(msg, ctx).content["arrays"][UPDATE_KEY].data)
+    # the owed part of round 1 is not added: round 2 sends what round 1 sent, one step
+    np.testing.assert_allclose(second.arrays["w"], first.arrays["w"], atol=1e-6)
+
+
 def test_no_codec_or_none_passes_through() -> None:
     for cfg in ({"server-round": 1}, {**CFG, "fedge.codec": "none"}):
         ctx = _context()

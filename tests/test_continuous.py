@@ -82,7 +82,7 @@ def test_continuous_gate_restart_and_metrics(tmp_path: Path) -> None:
         while True:
             scrape = _counters(http)
             started = sum(1 for line in coord.lines if re.match(r"^round \d+ starts", line))
-            done = sum(1 for line in coord.lines if re.match(r"^round \d+/\d+: ", line))
+            done = sum(1 for line in coord.lines if re.match(r"^round \d+: accuracy", line))
             if (started == done == scrape["fedge_rounds_completed_total"]
                     and scrape["fedge_devices_connected"] == 2):
                 break
@@ -137,3 +137,14 @@ def test_round_config_and_trigger() -> None:
     assert now[0] >= 60.0
     assert wait_for_round(lambda: 0, settings, min_train_nodes=2, last_round_end=now[0],
                           stopped=lambda: True, clock=time.monotonic) == "stopped"
+
+
+def test_reset_residual_reaches_the_train_config() -> None:
+    from fedge.common.task import resolve_task
+    from fedge.server.server_app import ServerConfig, train_config
+
+    task = resolve_task("digits")
+    reset = round_config({}, 4, "/m.pb", reset_residual=True)
+    assert train_config(ServerConfig.from_mapping(reset), task)["fedge.reset-residual"] is True
+    plain = round_config({}, 4, "/m.pb")
+    assert "fedge.reset-residual" not in train_config(ServerConfig.from_mapping(plain), task)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from fedge.demo import _Proc, fedge_command, start, stop, wait_for_line
+from fedge.demo import _Proc, enroll_devices, fedge_command, start, stop, wait_for_line
 from fedge.server.store import Round, RoundStatus, RunStatus, Store
 
 TESTS = Path(__file__).parent
 ENV = {"PYTHONPATH": str(TESTS)}  # e2e_apps, importable by coordinator and devices
 LISTEN = re.compile(r"^listening on (\S+):(\d+)$")
 CA = re.compile(r"^TLS on: devices need --ca (.+)$")
+ENROLL = re.compile(r"^enrollment on (\S+):(\d+)$")
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,11 +42,12 @@ class Fleet:
         self.coordinator: _Proc | None = None
         self.target = ""
         self.ca = ""
+        self.enroll_target = ""
 
     def start_coordinator(self, *args: str, port: int = 0) -> _Proc:
         argv = fedge_command(
             "coordinator", "run", "--state", str(self.tmp / "state"), "--port", str(port),
-            "--heartbeat-interval", "2", *args,
+            "--heartbeat-interval", "2", "--enroll-port", "0", *args,
         )
         proc = start("coordinator", argv, echo=False, log_path=self.tmp / "coordinator.log",
                      env=ENV)
@@ -54,10 +56,16 @@ class Fleet:
         self.ca = wait_for_line(proc, CA, 90).group(1)
         listen = wait_for_line(proc, LISTEN, 90)
         self.target = f"{listen.group(1)}:{listen.group(2)}"
+        enroll_at = wait_for_line(proc, ENROLL, 90)
+        self.enroll_target = f"{enroll_at.group(1)}:{enroll_at.group(2)}"
         return proc
 
     def start_device(self, name: str, *args: str, target: str | None = None,
                      env: dict[str, str] | None = None) -> _Proc:
+        if not (self.tmp / name / "identity" / "enrollment.json").exists():
+            # TLS mode: a device joins with the certificate it enrolled for (one-time token)
+            enroll_devices(self.tmp / "state", self.enroll_target, Path(self.ca),
+                           [self.tmp / name])
         argv = fedge_command(
             "client", "run", "--coordinator", target or self.target, "--ca", self.ca,
             "--data", str(self.tmp / name), "--name", name, "--max-backoff", "2", *args,

@@ -54,7 +54,7 @@ from fedge.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-FUZZ_CASES = 2200
+FUZZ_CASES = int(os.environ.get("FEDGE_FUZZ_CASES", "2200"))
 
 
 # ---------------------------------------------------------------- harness
@@ -499,7 +499,10 @@ async def test_fuzz_result_envelopes_in_the_servicer(trust: Trust) -> None:
     tasks: list[str] = []
 
     async def fresh() -> list[bytes]:
-        pulled, _ = await task_for(t, dev)
+        # pushed without a collector: collectors would hold the default executor's threads
+        list(t.h.grid.push_messages([t.h.train_message(dev.node_id)]))
+        pulled = await dev.pull(5.0)
+        assert pulled is not None
         payload = reply_bytes(pulled.payload)
         honest.add(sha256_hex(payload))
         tasks.append(pulled.envelope.task_id)
@@ -536,6 +539,7 @@ async def test_fuzz_result_envelopes_in_the_servicer(trust: Trust) -> None:
         if result is not None and result.status in (ResultStatus.REJECTED, ResultStatus.COMPLETE):
             good = await fresh()
     assert reached >= FUZZ_CASES, (reached, tries)
+    print("servicer", outcomes)
     assert len(outcomes) >= 4, outcomes  # the mutations reach several checks
     counted = [r for rnd in (1,) for r in t.h.store.list_results(t.h.run_id, rnd,
                                                                  ResultStatus.COMPLETE)]
@@ -593,3 +597,22 @@ async def test_fuzz_task_envelopes_in_the_runtime() -> None:
     assert reached >= FUZZ_CASES, (reached, tries)
     print("runtime", outcomes)
     assert len(outcomes) >= 3, outcomes
+
+
+# ---------------------------------------------------------------- the edge runtime
+
+
+async def test_enrolled_runtime_joins_by_certificate_and_stops_when_revoked(trust: Trust) -> None:
+    """`EdgeDevice(credentials=...)`: mTLS to the device port, certificate id, exit 3 on revoke."""
+    from fedge.client.edge_runtime import EXIT_REVOKED, EdgeDevice
+
+    t = trust
+    creds = await t.enroll("runtime")
+    device = EdgeDevice("", t.tmp / "runtime", credentials=creds, name="runtime",
+                        poll_wait_s=0.3, max_backoff=1.0)
+    assert device.target == t.device_target == creds.device_target
+    run = asyncio.create_task(device.run())
+    session = await asyncio.wait_for(device.wait_joined(), 20)
+    assert session.device_id == creds.device_id and session.node_id == creds.node_id
+    t.h.store.set_device_status(creds.device_id, DeviceStatus.REVOKED)
+    assert await asyncio.wait_for(run, 20) == EXIT_REVOKED
