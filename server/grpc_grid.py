@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Message, RecordDict
-from flwr.serverapp import Grid
 
 from fedge.server import flower_compat as fc
 from fedge.server.fleet import Fleet, TaskPayload
+from fedge.server.run_grid import RunGrid
 from fedge.server.store import Store, StoreError, TaskState
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class GridStopped(RuntimeError):
     """The coordinator is shutting down; the ServerApp stops at its next Grid call."""
 
 
-class GrpcGrid(Grid):
+class GrpcGrid(RunGrid):
     """A Flower Grid over the coordinator's devices (see the module docstring).
 
     `device_run_config` is what devices receive as their run config
@@ -127,32 +127,9 @@ class GrpcGrid(Grid):
 
     # ------------------------------------------------------------ Grid API
 
-    def set_run(self, run: fc.Run) -> None:
-        """Adopt `run` (Flower calls this before handing the grid to a ServerApp)."""
-        if not isinstance(run, fc.Run):
-            raise TypeError(f"`run` must be an instance of Run, got {type(run).__name__}")
-        self._run = run
-        fc.set_task_identity(run.run_id)
-
-    @property
-    def run(self) -> fc.Run:
-        """A copy of the run this grid serves."""
-        return fc.Run(**vars(self._run))
-
     @property
     def run_id(self) -> int:
         return int(self._run.run_id)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Deprecated in Flower in favour of `Message(...)`; kept for the abstract API."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """Node ids of joined devices that are live and train."""

@@ -32,6 +32,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.server import flower_compat as fc
+from fedge.server.run_grid import RunGrid
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class WireStats:
     messages_up: int = 0
 
 
-class InProcessGrid(Grid):
+class InProcessGrid(RunGrid):
     """A `flwr.serverapp.Grid` over in-process virtual nodes.
 
     `client` is one callable for every node or one per node. Node `i` gets
@@ -164,30 +165,9 @@ class InProcessGrid(Grid):
 
     # ------------------------------------------------------------ Grid API
 
-    def set_run(self, run: fc.Run) -> None:
-        """Adopt `run` (Flower calls this before handing the grid to a ServerApp)."""
-        if not isinstance(run, fc.Run):
-            raise TypeError(f"`run` must be an instance of Run, got {type(run).__name__}")
-        self._run = run
+    def _adopted(self, run: fc.Run) -> None:
         for node in self._nodes.values():
             node.context.run_id = run.run_id
-        fc.set_task_identity(run.run_id)
-
-    @property
-    def run(self) -> fc.Run:
-        """A copy of the run this grid serves."""
-        return fc.Run(**vars(self._run))
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Deprecated in Flower in favour of `Message(...)`; kept for the abstract API."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """Ids of all (healthy or not) nodes, as a SuperLink lists connected nodes."""
