@@ -9,7 +9,9 @@ A train message with `fedge.downlink-codec` in its config comes in two forms
 - one array `fedge.downlink`: a delta against the anchor the config names.
   The device rebuilds `anchor + delta` with the same function the server used,
   checks the result's version against the config's, and puts the plain weights
-  back into the message, so the ClientApp never sees the difference.
+  back into the message, so the ClientApp never sees the difference. A delta
+  against `ZERO_ANCHOR` (a compressed first contact) is the model itself,
+  quantized: the rebuilt model also becomes the device's anchor.
 
 A delta against an anchor the device does not hold, or a rebuilt model whose
 version differs, raises `DownlinkError`: the reply becomes an error reply, the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 
 from fedge.common.arrays import arrays_to_record
@@ -35,6 +38,7 @@ from fedge.common.downlink import (
     DOWNLINK_TARGET_KEY,
     REPLY_HELD_KEY,
     REPLY_RECORD_KEY,
+    ZERO_ANCHOR,
     apply_model_delta,
     model_version,
 )
@@ -94,6 +98,17 @@ def _forget(context: Context) -> None:
             del context.state[key]
 
 
+def _held_anchor(context: Context, anchor_version: str) -> dict[str, np.ndarray]:
+    """The anchor a delta names, if this device holds it (else `DownlinkError`)."""
+    held = held_version(context)
+    if held != anchor_version:
+        _forget(context)
+        raise DownlinkError(
+            f"delta against {anchor_version[:12] or '?'}, device holds {held[:12] or 'none'}"
+        )
+    return {k: a.numpy() for k, a in context.state[ANCHOR_STATE_KEY].items()}
+
+
 def receive(message: Message, context: Context) -> None:
     """Turn a downlink train message into a plain one in place, updating the anchor."""
     cfg = _config(message)
@@ -103,13 +118,8 @@ def receive(message: Message, context: Context) -> None:
     key, record = found
     anchor_version = str(cfg.get(DOWNLINK_ANCHOR_KEY, ""))
     if len(record) == 1 and DOWNLINK_ARRAY_KEY in record:
-        held = held_version(context)
-        if held != anchor_version:
-            _forget(context)
-            raise DownlinkError(
-                f"delta against {anchor_version[:12] or '?'}, device holds {held[:12] or 'none'}"
-            )
-        anchor = {k: a.numpy() for k, a in context.state[ANCHOR_STATE_KEY].items()}
+        first = anchor_version == ZERO_ANCHOR
+        anchor = None if first else _held_anchor(context, anchor_version)
         try:
             model = apply_model_delta(anchor, record[DOWNLINK_ARRAY_KEY])
         except UpdateRejected as ex:
@@ -119,6 +129,9 @@ def receive(message: Message, context: Context) -> None:
             _forget(context)
             raise DownlinkError("rebuilt model differs from the server's (version mismatch)")
         message.content[key] = arrays_to_record(model)
+        if first:  # the quantized model is this device's anchor from now on
+            anchor_version = version
+            context.state[ANCHOR_STATE_KEY] = message.content[key]
     else:
         version = model_version({k: a.numpy() for k, a in record.items()})
         if version != anchor_version:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 from flwr.app import Array
 
+from fedge.common.codec_spec import parse_codec
 from fedge.common.update_array import pack_update, packed_bytes
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES, decode_update, encode_update
 
@@ -38,6 +40,9 @@ REPLY_HELD_KEY = "held-version"
 
 #: 128 bits of SHA-256, as `fedge.base-version`
 VERSION_HEX_CHARS = 32
+#: the anchor every device holds without being sent anything: the all-zero model. A delta
+#: against it is the whole model, quantized (a compressed first contact)
+ZERO_ANCHOR = "zero"
 
 
 def model_version(arrays: Mapping[str, np.ndarray]) -> str:
@@ -56,7 +61,7 @@ def model_version(arrays: Mapping[str, np.ndarray]) -> str:
 
 def encode_model_delta(
     target: Mapping[str, np.ndarray],
-    anchor: Mapping[str, np.ndarray],
+    anchor: Mapping[str, np.ndarray] | None,
     spec: str,
     *,
     anchor_version: str,
@@ -66,8 +71,17 @@ def encode_model_delta(
     """`target - anchor`, encoded with `spec` and packed as one raw-bytes Array.
 
     No error-feedback residual is kept: the next delta is again taken from the
-    exact target, so what this one drops is not carried anywhere.
+    exact target, so what this one drops is not carried anywhere. `anchor=None`
+    is the zero model (`ZERO_ANCHOR`): the target itself is encoded, every float
+    tensor quantized (`small=0`), because a small tensor would go as fp16 and the
+    device, holding no model, could not tell its dtype.
     """
+    if anchor is None:
+        whole = replace(parse_codec(spec), small=0).canonical
+        model = {k: np.array(t, copy=True) for k, t in target.items()}
+        update, _ = encode_update(model, whole, run_id=run_id, round=round,
+                                  base_version=anchor_version or ZERO_ANCHOR, is_delta=True)
+        return pack_update(update.SerializeToString())
     delta = {}
     for k, t in target.items():
         a = anchor[k]
@@ -81,7 +95,7 @@ def encode_model_delta(
 
 
 def apply_model_delta(
-    anchor: Mapping[str, np.ndarray],
+    anchor: Mapping[str, np.ndarray] | None,
     packed: Array,
     *,
     max_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
@@ -90,7 +104,12 @@ def apply_model_delta(
 
     Raises `UpdateRejected` when the bytes are not a delta for this anchor's
     layout. Server and device both rebuild the model with this function.
+    `anchor=None` is the zero model: the decoded tensors are the model, in the
+    layout the update declares (a device that holds nothing has none to check).
     """
+    if anchor is None:
+        decoded = decode_update(packed_bytes(packed, max_bytes), max_bytes=max_bytes)
+        return {k: np.array(d, copy=True) for k, d in decoded.arrays.items()}
     expected = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in anchor.items()}
     decoded = decode_update(packed_bytes(packed, max_bytes), expected=expected,
                             max_bytes=max_bytes)

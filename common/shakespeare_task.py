@@ -41,7 +41,7 @@ from fedge.common.shakespeare import (
     split_starts,
     windows,
 )
-from fedge.common.task import ClientData, Task
+from fedge.common.task_base import ClientData, Task
 
 HIDDEN = 128
 DEFAULT_TEST_FRACTION = 0.1

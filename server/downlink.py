@@ -19,6 +19,16 @@ Scheme (docs/compression.md, "Compressed downlink"):
   against `R` (the model it trained), so the downlink's rounding is not folded
   into the global model.
 
+First contacts (`first_contact`): `"full"` (the default) sends a device that
+holds nothing the plain `G_t`, which any ClientApp can read. `"compressed"`
+sends it `Q0 = int8(G_t)`, a delta against the all-zero model every device
+holds (`ZERO_ANCHOR`); it rebuilds `R0 = dequant(Q0)` and keeps `R0` as its
+anchor, and so does the server. Later deltas are taken from the exact `G_t'`
+to that exact `R0`, so again one rounding, nothing accumulated. A node whose
+last reply carried no anchor (a stock ClientApp, which cannot read `Q0` and
+answers with an error, or a device that lost its state) gets the plain model
+until a reply names an anchor: a stock client costs one round, once.
+
 Which anchor a device holds is learned from its replies (a `fedge.downlink`
 ConfigRecord naming it), by node id. A reply without it (a stock ClientApp) or
 an error reply means "holds nothing usable": the next message is plain.
@@ -46,6 +56,7 @@ from fedge.common.downlink import (
     DOWNLINK_TARGET_KEY,
     REPLY_HELD_KEY,
     REPLY_RECORD_KEY,
+    ZERO_ANCHOR,
     apply_model_delta,
     encode_model_delta,
     model_version,
@@ -55,6 +66,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KEEP = 32
 DEFAULT_MAX_AGE = 100
+#: what a device holding no anchor gets: the plain model, or the model quantized
+FIRST_CONTACTS = ("full", "compressed")
 
 
 @dataclass
@@ -73,8 +86,10 @@ class DownlinkRound:
     round: int
     full_messages: int = 0
     delta_messages: int = 0
+    first_messages: int = 0  # compressed first contacts (the model quantized)
     full_bytes: int = 0
     delta_bytes: int = 0
+    first_bytes: int = 0
     returning: int = 0  # messages to nodes that had replied before
     anchors_kept: int = 0
     targets: dict[int, str] = field(default_factory=dict)  # node -> version it must rebuild
@@ -102,6 +117,7 @@ class DownlinkCompressor:
     `codec` is a lossy codec spec (`int8` is what the design targets). `keep`
     bounds the anchors held in memory; `max_age` (rounds) retires old anchors
     so a delta never spans more training than that (its rounding grows with it).
+    `first_contact` is `"full"` or `"compressed"` (module docstring).
     """
 
     def __init__(
@@ -110,6 +126,7 @@ class DownlinkCompressor:
         *,
         keep: int = DEFAULT_KEEP,
         max_age: int = DEFAULT_MAX_AGE,
+        first_contact: str = "full",
         run_id: str = "",
     ) -> None:
         spec = parse_codec(codec)
@@ -117,13 +134,18 @@ class DownlinkCompressor:
             raise ValueError(f"downlink codec {codec!r} is lossless: use 'none' to turn it off")
         if keep < 1 or max_age < 1:
             raise ValueError("downlink keep and max-age must be at least 1")
+        if first_contact not in FIRST_CONTACTS:
+            raise ValueError(f"downlink first contact {first_contact!r}: choose "
+                             f"{' or '.join(FIRST_CONTACTS)}")
         self.codec = spec.canonical
         self.keep = int(keep)
         self.max_age = int(max_age)
+        self.first_contact = first_contact
         self.run_id = run_id
         self.anchors: dict[str, Anchor] = {}
         self.holders: dict[int, str] = {}  # node id -> anchor version it holds
         self.seen: set[int] = set()  # nodes that ever replied
+        self.plain_only: set[int] = set()  # nodes whose last reply named no anchor
         self.history: dict[int, DownlinkRound] = {}
 
     # ------------------------------------------------------------ sending
@@ -142,14 +164,22 @@ class DownlinkCompressor:
         self._retire(server_round)
         groups: dict[str | None, list[Message]] = {}
         for msg in messages:
-            held = self.holders.get(msg.metadata.dst_node_id)
-            groups.setdefault(held if held in self.anchors else None, []).append(msg)
+            node = msg.metadata.dst_node_id
+            held = self.holders.get(node)
+            if held in self.anchors:
+                groups.setdefault(held, []).append(msg)
+            elif self.first_contact == "compressed" and node not in self.plain_only:
+                groups.setdefault(ZERO_ANCHOR, []).append(msg)
+            else:
+                groups.setdefault(None, []).append(msg)
         if None in groups and version not in self.anchors:
             arrays = {k: np.array(a, copy=True) for k, a in global_arrays.items()}
             self.anchors[version] = Anchor(version, arrays, server_round)
         for anchor_version, group in groups.items():
             if anchor_version is None:
                 self._send_full(group, version, stats)
+            elif anchor_version == ZERO_ANCHOR:
+                self._send_first(group, global_arrays, server_round, stats)
             else:
                 self._send_delta(group, self.anchors[anchor_version], global_arrays,
                                  server_round, stats)
@@ -166,6 +196,32 @@ class DownlinkCompressor:
             stats.full_bytes += self._arrays_bytes(msg)
             stats.returning += node in self.seen
             stats.targets[node] = version
+
+    def _send_first(
+        self,
+        group: list[Message],
+        global_arrays: Mapping[str, np.ndarray],
+        server_round: int,
+        stats: DownlinkRound,
+    ) -> None:
+        """The model quantized (a delta against zero); the rebuilt model becomes the anchor."""
+        packed = encode_model_delta(global_arrays, None, self.codec, anchor_version=ZERO_ANCHOR,
+                                    run_id=self.run_id, round=server_round)
+        rebuilt = apply_model_delta(None, packed)
+        target = model_version(rebuilt)
+        if target not in self.anchors:
+            self.anchors[target] = Anchor(target, rebuilt, server_round)
+        record = ArrayRecord({DOWNLINK_ARRAY_KEY: packed})
+        extra = {DOWNLINK_CODEC_KEY: self.codec, DOWNLINK_ANCHOR_KEY: ZERO_ANCHOR,
+                 DOWNLINK_TARGET_KEY: target}
+        for msg in group:
+            self._rewrite(msg, record, extra)
+            node = msg.metadata.dst_node_id
+            self.holders[node] = target  # the device adopts the rebuilt model; its reply confirms
+            stats.first_messages += 1
+            stats.first_bytes += len(packed.data)
+            stats.returning += node in self.seen
+            stats.targets[node] = target
 
     def _send_delta(
         self,
@@ -251,8 +307,11 @@ class DownlinkCompressor:
                 held = str(record.get(REPLY_HELD_KEY, ""))
         if held and held in self.anchors:
             self.holders[node] = held
+            self.plain_only.discard(node)
         else:
             self.holders.pop(node, None)
+            if not held:  # a stock client, or a device that lost its state: plain model
+                self.plain_only.add(node)
 
     def memory_bytes(self) -> int:
         """Bytes of the anchors held: the downlink's memory cost on the server."""
@@ -263,7 +322,8 @@ def downlink_from_config(
     run_config: Mapping[str, Any], *, run_id: str = ""
 ) -> DownlinkCompressor | None:
     """The compressor the run config asks for (`downlink-codec`, `downlink-keep`,
-    `downlink-max-age`), or None for the plain downlink (`none`, the default)."""
+    `downlink-max-age`, `downlink-first-contact`), or None for the plain downlink
+    (`none`, the default)."""
     codec = str(run_config.get("downlink-codec", "none") or "none").strip().lower()
     if codec == "none":
         return None
@@ -271,6 +331,7 @@ def downlink_from_config(
         codec,
         keep=int(run_config.get("downlink-keep", DEFAULT_KEEP)),
         max_age=int(run_config.get("downlink-max-age", DEFAULT_MAX_AGE)),
+        first_contact=str(run_config.get("downlink-first-contact", "full")).strip().lower(),
         run_id=run_id,
     )
 

@@ -29,7 +29,10 @@ class RoundMetrics:
     messages, train and evaluate). `rejected_reasons` counts dropped replies by
     reason ("client_error", "malformed", "non_finite", "shape_mismatch", ...).
     `seconds` is wall time from sending the round's train messages to the end
-    of its central evaluation.
+    of its central evaluation. `downlink_messages` (compressed downlink only)
+    counts the train messages by what they carried: `full` (plain model),
+    `first` (the model quantized), `delta` (against the device's anchor), and
+    `returning` (to devices that had replied before).
     """
 
     round: int
@@ -43,6 +46,7 @@ class RoundMetrics:
     accepted: int = 0
     train_loss: float | None = None
     codec: str = ""
+    downlink_messages: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the shape `report.json` rounds use, plus extras)."""

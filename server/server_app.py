@@ -278,6 +278,14 @@ class _RoundRecorder:
             return None
         return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
 
+    def _downlink_messages(self, server_round: int) -> dict[str, int]:
+        downlink = self.strategy.downlink
+        sent = downlink.history.get(server_round) if downlink is not None else None
+        if sent is None:
+            return {}
+        return {"full": sent.full_messages, "first": sent.first_messages,
+                "delta": sent.delta_messages, "returning": sent.returning}
+
     def _record(
         self, server_round: int, loss: float | None, accuracy: float | None, arrays: ArrayRecord
     ) -> None:
@@ -294,6 +302,7 @@ class _RoundRecorder:
             accepted=stats.accepted,
             train_loss=stats.train_metrics.get("train-loss"),
             codec=stats.codec,
+            downlink_messages=self._downlink_messages(server_round),
         )
         self.rounds.append(record)
         end = RoundEnd(record, arrays, list(stats.accepted_nodes))

@@ -24,6 +24,10 @@ def simulate_command(
                               "e.g. none,int8,int4,topk=0.01+int4."),
     downlink: str = typer.Option("none", help="Downlink codec: none | int8 (the global model "
                                  "as a delta against the model a device holds)."),
+    downlink_first_contact: str = typer.Option(
+        "full", help="With --downlink: what a device holding no model gets: full (the plain "
+        "model, any ClientApp reads it) | compressed (the model quantized; a stock ClientApp "
+        "fails its first round, then gets plain models)."),
     seed: int = typer.Option(0, help="Seed for data, partitions, sampling and init."),
     lr: float | None = typer.Option(None, help="Client learning rate (task default if unset)."),
     local_epochs: int | None = typer.Option(None, help="Local epochs (task default if unset)."),
@@ -38,13 +42,16 @@ def simulate_command(
     engine: str = typer.Option("", help="With --scenario: inprocess (default: the same clients "
                                "every run) | ray (Flower's engine; clients sampled per run)."),
     only: str = typer.Option("", help="With --scenario: comma-separated run labels to run."),
+    merge: str = typer.Option("", help="With --scenario: comma-separated output folders of "
+                              "runs split with --only, combined into one report in --out "
+                              "(no training)."),
 ) -> None:
     """Run a federation of virtual devices in Flower's simulation engine, one run per codec."""
     from rich.console import Console
     from rich.table import Table
 
     if scenario:
-        _simulate_scenario(scenario, smoke, engine, only, out)
+        _simulate_scenario(scenario, smoke, engine, only, out, merge)
         return
 
     from fedge.common.errors import CodecSpecError
@@ -65,11 +72,13 @@ def simulate_command(
             classes_per_client=classes_per_client, strategy=strategy, seed=seed,
             codecs=parse_codec_list(codec), lr=lr, local_epochs=local_epochs,
             batch_size=batch_size, data_dir=data_dir, out=out, downlink=downlink,
+            downlink_first_contact=downlink_first_contact,
         )
         if downlink.strip().lower() != "none":
             from fedge.server.downlink import DownlinkCompressor
 
-            DownlinkCompressor(downlink)  # a bad spec fails here, before any run
+            # a bad spec fails here, before any run
+            DownlinkCompressor(downlink, first_contact=downlink_first_contact)
 
     except (ValueError, CodecSpecError) as error:
         console.print(f"[red]error:[/red] {error}")
@@ -84,13 +93,14 @@ def simulate_command(
     console.print(f"report: {path}\nplot:   {path.with_suffix('.png')}")
 
 
-def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path) -> None:
+def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path,
+                       merge: str = "") -> None:
     """`fedge simulate --scenario NAME`: run the scenario, print its table, name the files."""
     from rich.console import Console
 
     from fedge.common.datasets import DatasetError
     from fedge.simulations.report import load_report
-    from fedge.simulations.scenario_run import run_scenario
+    from fedge.simulations.scenario_run import merge_reports, run_scenario
     from fedge.simulations.scenarios import get_scenario
     from fedge.simulations.summary import markdown_table
 
@@ -100,8 +110,12 @@ def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path
     labels = [label.strip() for label in only.split(",") if label.strip()]
     try:
         chosen = get_scenario(name, smoke=smoke)
-        path = run_scenario(chosen, out, console, engine=engine or None, only=labels)
-    except (ValueError, DatasetError) as error:
+        parts = [Path(p.strip()) for p in merge.split(",") if p.strip()]
+        if parts:
+            path = merge_reports(chosen, parts, out)
+        else:
+            path = run_scenario(chosen, out, console, engine=engine or None, only=labels)
+    except (ValueError, DatasetError, OSError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
     console.print(markdown_table(load_report(path)))
@@ -116,6 +130,7 @@ def demo_command(
     simulate_command(
         dataset="digits", model="auto", task="", clients=10, rounds=5, fraction=1.0,
         min_clients=2, partition="iid", alpha=0.5, classes_per_client=2, strategy="fedavg",
-        codec="none,int8", downlink="none", seed=0, lr=None, local_epochs=None, batch_size=None,
-        data_dir=None, out=out, scenario="", smoke=False, engine="", only="",
+        codec="none,int8", downlink="none", downlink_first_contact="full", seed=0, lr=None,
+        local_epochs=None, batch_size=None, data_dir=None, out=out, scenario="", smoke=False,
+        engine="", only="", merge="",
     )

@@ -39,6 +39,7 @@ class SimulationOptions:
     batch_size: int | None = None
     data_dir: str | None = None
     downlink: str = "none"
+    downlink_first_contact: str = "full"  # or "compressed": the model quantized, too
     out: Path = Path("fedge-out")
 
     def run_config(self, codec: str) -> dict[str, Any]:
@@ -48,6 +49,7 @@ class SimulationOptions:
             "strategy": self.strategy,
             "codec": codec,
             "downlink-codec": self.downlink,
+            "downlink-first-contact": self.downlink_first_contact,
             "num-rounds": self.rounds,
             "fraction-train": self.fraction,
             "min-train-nodes": max(1, min(self.min_clients, self.clients)),
@@ -134,6 +136,7 @@ def simulate(
         "alpha": options.alpha,
         "seed": options.seed,
         "downlink": options.downlink,
+        "downlink_first_contact": options.downlink_first_contact,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     path = write_report(options.out, reports, meta)

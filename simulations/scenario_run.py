@@ -28,7 +28,13 @@ from fedge.simulations.profiles import (
     get_profile,
     partition_sizes,
 )
-from fedge.simulations.report import RunReport, plot_report, round_record, write_report
+from fedge.simulations.report import (
+    RunReport,
+    load_report,
+    plot_report,
+    round_record,
+    write_report,
+)
 from fedge.simulations.scenarios import RunSpec, Scenario
 from fedge.simulations.summary import markdown_table, run_summary
 
@@ -145,10 +151,47 @@ def run_scenario(
         "command": f"fedge simulate --scenario {scenario.name.removesuffix('-smoke')}"
                    + (" --smoke" if scenario.smoke else ""),
     }
+    return write_outputs(out, reports, meta)
+
+
+def write_outputs(out: Path, reports: Sequence[RunReport], meta: dict[str, Any]) -> Path:
+    """report.json, report.png and report.md of a scenario; returns report.json's path."""
     path = write_report(out, reports, meta)
     body = {"runs": [r.to_json() for r in reports]}
     plot_report(body, out / "report.png",
-                title=f"{scenario.name}: {clients} clients, {scenario.per_round} a round")
-    (out / "report.md").write_text(f"## {scenario.name}\n\n`{meta['command']}`\n\n"
+                title=f"{meta['scenario']}: {meta['clients']} clients, "
+                      f"{meta['per_round']} a round")
+    (out / "report.md").write_text(f"## {meta['scenario']}\n\n`{meta['command']}`\n\n"
                                    + markdown_table(body))
     return path
+
+
+def merge_reports(scenario: Scenario, parts: Sequence[Path], out: Path) -> Path:
+    """One report from the reports of a scenario split with `--only`, in the scenario's order.
+
+    Each part must be a report of this scenario with the same run config; a run
+    label found in two parts is an error, so nothing is silently dropped.
+    """
+    loaded = [load_report(p / "report.json" if p.is_dir() else p) for p in parts]
+    if not loaded:
+        raise ValueError("nothing to merge: name the parts' output folders")
+    first = loaded[0].get("meta") or {}
+    runs: dict[str, dict[str, Any]] = {}
+    for part, body in zip(parts, loaded, strict=True):
+        meta = body.get("meta") or {}
+        if (meta.get("scenario") != scenario.name or "runs" not in body
+                or meta.get("run_config") != first.get("run_config")):
+            raise ValueError(f"{part}: not a {scenario.name} report with the same run config")
+        for run in body["runs"]:
+            if run["codec"] in runs:
+                raise ValueError(f"run {run['codec']!r} is in more than one part")
+            runs[run["codec"]] = run
+    order = [r.label for r in scenario.runs if r.label in runs]
+    reports = [RunReport(codec=label, strategy=runs[label]["strategy"],
+                         rounds=runs[label]["rounds"],
+                         extra={k: v for k, v in runs[label].items()
+                                if k not in ("codec", "strategy", "rounds")})
+               for label in order]
+    meta = {**first, "wall_seconds": round(sum(b["meta"]["wall_seconds"] for b in loaded), 2),
+            "merged_from": [str(p) for p in parts]}
+    return write_outputs(out, reports, meta)

@@ -20,6 +20,7 @@ class RunSpec:
     label: str
     codec: str = "none"
     downlink: str = "none"
+    downlink_first_contact: str = "full"  # "compressed": first contacts get the model in int8
     stock: bool = False  # plain Flower apps (simulations/stock_flower.py), no fedge in the path
 
 
@@ -77,6 +78,8 @@ class Scenario:
             "torch-threads": 1,
             **self.extra,
         }
+        if run.downlink != "none":
+            config["downlink-first-contact"] = run.downlink_first_contact
         optional = {"lr": self.lr, "local-epochs": self.local_epochs,
                     "batch-size": self.batch_size}
         config.update({k: v for k, v in optional.items() if v is not None})
@@ -118,7 +121,11 @@ FASHION_MNIST_100 = Scenario(
         RunSpec("int8", "int8"),
         RunSpec("int4", "int4"),
         RunSpec("topk=0.01+int4", "topk=0.01+int4"),
+        # the scheme: a device's first contact gets the plain model
         RunSpec("int8+downlink-int8", "int8", downlink="int8"),
+        # first contacts get the model in int8 too (every device a fedge device)
+        RunSpec("int8+downlink-int8+first-int8", "int8", downlink="int8",
+                downlink_first_contact="compressed"),
     ),
 )
 

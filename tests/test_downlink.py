@@ -23,6 +23,7 @@ from fedge.common.downlink import (
     DOWNLINK_ARRAY_KEY,
     DOWNLINK_CODEC_KEY,
     DOWNLINK_TARGET_KEY,
+    ZERO_ANCHOR,
     apply_model_delta,
     encode_model_delta,
     model_version,
@@ -102,6 +103,33 @@ def test_device_keeps_anchor_and_refuses_a_delta_it_cannot_apply() -> None:
         receive(again, _context())
 
 
+def test_compressed_first_contact_becomes_the_devices_anchor() -> None:
+    packed = encode_model_delta(TARGET, None, "int8", anchor_version=ZERO_ANCHOR)
+    rebuilt = apply_model_delta(None, packed)
+    assert list(rebuilt) == list(TARGET)  # the layout comes from the update itself
+    assert rebuilt["n"].dtype == np.int64 and rebuilt["n"] == 5  # integers exact
+    step = np.abs(TARGET["w"]).max() / 127
+    assert np.abs(rebuilt["w"] - TARGET["w"]).max() <= step
+    assert len(packed.data) < 0.3 * sum(a.nbytes for a in TARGET.values())
+    target_v = model_version(rebuilt)
+
+    ctx = _context()
+    first = _train_message(ArrayRecord({DOWNLINK_ARRAY_KEY: packed}), **{
+        DOWNLINK_CODEC_KEY: "int8", DOWNLINK_ANCHOR_KEY: ZERO_ANCHOR,
+        DOWNLINK_TARGET_KEY: target_v})
+    receive(first, ctx)
+    got = {k: a.numpy() for k, a in first.content["arrays"].items()}
+    assert model_version(got) == target_v and held_version(ctx) == target_v
+    # the next delta is taken against the rebuilt model, which both sides hold exactly
+    nxt = {k: v + 0.01 if v.dtype == np.float32 else v for k, v in TARGET.items()}
+    delta = encode_model_delta(nxt, rebuilt, "int8", anchor_version=target_v)
+    nxt_v = model_version(apply_model_delta(rebuilt, delta))
+    msg = _train_message(ArrayRecord({DOWNLINK_ARRAY_KEY: delta}), **{
+        DOWNLINK_CODEC_KEY: "int8", DOWNLINK_ANCHOR_KEY: target_v, DOWNLINK_TARGET_KEY: nxt_v})
+    receive(msg, ctx)
+    assert model_version({k: a.numpy() for k, a in msg.content["arrays"].items()}) == nxt_v
+
+
 def test_config_turns_it_on_and_checks_the_codec() -> None:
     assert downlink_from_config({}) is None
     assert downlink_from_config({"downlink-codec": "none"}) is None
@@ -109,6 +137,11 @@ def test_config_turns_it_on_and_checks_the_codec() -> None:
     assert isinstance(made, DownlinkCompressor) and made.keep == 3
     with pytest.raises(ValueError, match="lossless"):
         DownlinkCompressor("none")
+    assert downlink_from_config({"downlink-codec": "int8"}).first_contact == "full"
+    made = downlink_from_config({"downlink-codec": "int8", "downlink-first-contact": "compressed"})
+    assert made.first_contact == "compressed"
+    with pytest.raises(ValueError, match="first contact"):
+        downlink_from_config({"downlink-codec": "int8", "downlink-first-contact": "int8"})
 
 
 # ------------------------------------------------------------ whole runs on digits
@@ -178,6 +211,40 @@ def test_stock_clients_always_get_the_plain_model(monkeypatch) -> None:
     assert all(r.rejected == 0 and r.accepted == 5 for r in rounds)
     assert downlink.history[2].full_messages == 2 and downlink.history[2].delta_messages == 3
     assert set(grid.node_ids[:2]).isdisjoint(downlink.holders)
+
+
+def test_compressed_first_contact_shrinks_every_message_at_the_same_accuracy(monkeypatch) -> None:
+    config = {**RUN, "downlink-codec": "int8", "downlink-first-contact": "compressed"}
+    rounds, (downlink,), seen, grid = _run(monkeypatch, config)
+    plain, _, _, _ = _run(monkeypatch, RUN)
+    assert all(r.rejected == 0 and r.accepted == 5 for r in rounds)
+    for rnd in (1, 2, 3):
+        assert {n: seen.versions[(n, rnd)] for n in grid.node_ids} == \
+            downlink.history[rnd].targets
+    first = downlink.history[1]
+    assert first.first_messages == 5 and first.full_messages == 0
+    assert [r.downlink_messages for r in rounds] == [
+        {"full": 0, "first": 5, "delta": 0, "returning": 0},
+        {"full": 0, "first": 0, "delta": 5, "returning": 5},
+        {"full": 0, "first": 0, "delta": 5, "returning": 5}]
+    assert all(r.downlink_messages == {} for r in plain)  # plain downlink: nothing to count
+    assert all(downlink.history[r].delta_messages == 5 for r in (2, 3))
+    for mine, theirs in zip(rounds, plain, strict=True):  # every round, the first one too
+        assert theirs.downlink_bytes / mine.downlink_bytes >= 3.5, mine.downlink_bytes
+    assert abs(rounds[-1].accuracy - plain[-1].accuracy) <= 0.03
+
+
+def test_stock_client_under_compressed_first_contact_loses_one_round_once(monkeypatch) -> None:
+    config = {**RUN, "downlink-codec": "int8", "downlink-first-contact": "compressed"}
+    rounds, (downlink,), _, grid = _run(monkeypatch, config, stock=2)
+    # round 1: the stock ClientApps cannot read the quantized model and answer with errors
+    assert rounds[0].accepted == 3 and rounds[0].rejected_reasons == {"client_error": 2}
+    # from round 2 they get the plain model, the fedge devices deltas
+    for rnd in (2, 3):
+        assert downlink.history[rnd].full_messages == 2
+        assert downlink.history[rnd].delta_messages == 3
+    assert all(r.accepted == 5 and r.rejected == 0 for r in rounds[1:])
+    assert set(grid.node_ids[:2]) <= downlink.plain_only
 
 
 def test_a_device_that_lost_its_anchor_costs_one_round_then_gets_the_full_model(

@@ -24,8 +24,8 @@ from fedge.simulations.profiles import (
     expected_max_examples,
     round_seconds,
 )
-from fedge.simulations.report import load_report
-from fedge.simulations.scenario_run import run_scenario
+from fedge.simulations.report import RunReport, load_report, write_report
+from fedge.simulations.scenario_run import merge_reports, run_scenario
 from fedge.simulations.scenarios import SCENARIOS, get_scenario
 from fedge.simulations.summary import final_accuracy, markdown_table, rounds_to
 
@@ -40,9 +40,12 @@ def test_scenarios_are_the_issues() -> None:
     assert (fm.local_epochs, fm.batch_size) == (1, 32) and fm.rounds >= 50
     assert [r.label for r in fm.runs] == [
         "stock-flower-fedavg", "none", "fp16", "int8", "int4", "topk=0.01+int4",
-        "int8+downlink-int8"]
+        "int8+downlink-int8", "int8+downlink-int8+first-int8"]
     assert fm.runs[0].stock and fm.runs[-1].downlink == "int8"
+    assert fm.run_config(fm.runs[-2])["downlink-first-contact"] == "full"
+    assert "downlink-first-contact" not in fm.run_config(fm.runs[1])
     config = fm.run_config(fm.runs[-1])
+    assert config["downlink-first-contact"] == "compressed"
     assert config["downlink-codec"] == "int8" and config["min-train-nodes"] == 10
     assert config["fraction-train"] == pytest.approx(0.1) and config["seed"] == 0
     sh = SCENARIOS["shakespeare"]
@@ -66,6 +69,44 @@ def test_profile_estimate_adds_transfer_and_compute() -> None:
     assert estimate(rounds, pi, 0.5, 10, target=0.9)["time_to_target_s"] is None
     assert expected_max_examples([5, 5, 5], 2) == 5
     assert 40 < expected_max_examples([1] * 9 + [100], 5) < 60  # P(the 100 is drawn) = 0.5
+
+
+def _part(folder: Path, labels: list[str], scenario: str = "shakespeare") -> Path:
+    rounds = [{"round": i, "accuracy": 0.1 * i, "uplink_bytes": 1e6, "downlink_bytes": 4e6,
+               "loss": 1.0, "rejected": 0, "seconds": 1.0} for i in range(1, 6)]
+    summary = {"final_accuracy": 0.3, "rounds_to_target": 4, "uplink_mb": 5.0,
+               "downlink_mb": 20.0, "rounds": 5}
+    runs = [RunReport(label, "fedavg", rounds, {"summary": summary, "profiles": {},
+                                                 "wall_seconds": 60.0}) for label in labels]
+    meta = {"scenario": scenario, "clients": 4, "per_round": 2, "command": "x",
+            "run_config": {"seed": 0}, "wall_seconds": 60.0}
+    write_report(folder, runs, meta)
+    return folder
+
+
+def test_parts_run_with_only_merge_into_one_report_in_the_scenarios_order(tmp_path) -> None:
+    sh = SCENARIOS["shakespeare"]
+    a = _part(tmp_path / "a", ["int4", "none"])
+    b = _part(tmp_path / "b", ["int8"])
+    report = load_report(merge_reports(sh, [a, b], tmp_path / "all"))
+    assert [r["codec"] for r in report["runs"]] == ["none", "int8", "int4"]
+    assert report["meta"]["wall_seconds"] == 120.0 and len(report["meta"]["merged_from"]) == 2
+    assert (tmp_path / "all" / "report.md").read_text().count("| `") == 3
+    assert (tmp_path / "all" / "report.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="more than one part"):
+        merge_reports(sh, [a, _part(tmp_path / "c", ["none"])], tmp_path / "x")
+    with pytest.raises(ValueError, match="not a shakespeare report"):
+        merge_reports(sh, [a, _part(tmp_path / "d", ["int8"], "fashion-mnist-100")],
+                      tmp_path / "y")
+
+
+def test_shakespeare_task_imports_on_its_own() -> None:
+    """The scenario imports the Shakespeare task first: no import cycle with the registry."""
+    code = "import fedge.common.shakespeare_task as t; print(t.SHAKESPEARE.name)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "shakespeare"
 
 
 def test_table_figures() -> None:
@@ -126,8 +167,12 @@ def test_fashion_mnist_100_smoke(tmp_path: Path, small_fashion_mnist: Path) -> N
     assert up["none"] / up["int8"] > 3.5 and up["none"] / up["int4"] > 7
     assert up["none"] / up["topk=0.01+int4"] > 100
     assert runs["int8+downlink-int8"]["apps"] == "fedge"
+    # no device returns within the smoke: plain models down, or the quantized model
+    down = {k: v["summary"]["downlink_mb"] for k, v in runs.items()}
+    assert down["int8+downlink-int8"] == pytest.approx(down["none"], rel=0.01)
+    assert down["none"] / down["int8+downlink-int8+first-int8"] > 3.5
     assert report["meta"]["command"] == "fedge simulate --scenario fashion-mnist-100 --smoke"
-    assert (tmp_path / "out" / "report.md").read_text().count("| `") == 7
+    assert (tmp_path / "out" / "report.md").read_text().count("| `") == 8
 
 
 @pytest.mark.skipif(not (DEFAULT_SHAKESPEARE_DIR / TARBALL).exists(),
