@@ -291,3 +291,33 @@ def test_edge_fleet_over_grpc_sends_deltas_to_fedge_devices_only(tmp_path) -> No
         delta = (r.metrics.downlink_bytes - full) / 2
         assert full / delta >= 3.5, r.metrics
     assert rounds[-1].metrics.accuracy > 0.8
+
+
+@pytest.mark.timeout(240)
+def test_edge_fleet_compressed_first_contact_stock_device_recovers(tmp_path) -> None:
+    """As above with `downlink-first-contact=compressed`: every message is small; the stock
+    device cannot read the quantized model in round 1 and gets plain models after."""
+    from test_coordinator_e2e import _completed, fleet_of
+
+    with fleet_of(tmp_path) as fleet:
+        fleet.start_coordinator("--rounds", "3", "--min-devices", "3", "--min-train-nodes", "3",
+                                "--codec", "int8", "--round-timeout", "90",
+                                "--run-config", "downlink-codec=int8",
+                                "--run-config", "downlink-first-contact=compressed")
+        for i, app in enumerate(["fedge.client.client_app:app"] * 2 + ["e2e_apps:stock_app"]):
+            fleet.start_device(f"dev{i}", "--partition-id", str(i), "--num-partitions", "3",
+                               "--app", app)
+        assert fleet.wait_coordinator(200) == 0
+        rounds, _ = fleet.rounds()
+    assert _completed(rounds) == [1, 2, 3]
+    first, later = rounds[0].metrics, [r.metrics for r in rounds[1:]]
+    assert first.accepted == 2 and first.rejected_reasons == {"client_error": 1}
+    assert first.downlink_messages == {"full": 0, "first": 3, "delta": 0, "returning": 0}
+    assert all(m.accepted == 3 and m.rejected == 0 for m in later)
+    assert all(m.downlink_messages["full"] == 1 and m.downlink_messages["delta"] == 2
+               for m in later)
+    quantized = first.downlink_bytes / 3
+    for m in later:  # 1 plain model (the stock device) + 2 deltas the size of `quantized`
+        full = m.downlink_bytes - 2 * quantized
+        assert full / quantized >= 3.5, m
+    assert rounds[-1].metrics.accuracy > 0.8
