@@ -170,7 +170,10 @@ def merge_reports(scenario: Scenario, parts: Sequence[Path], out: Path) -> Path:
     """One report from the reports of a scenario split with `--only`, in the scenario's order.
 
     Each part must be a report of this scenario with the same run config; a run
-    label found in two parts is an error, so nothing is silently dropped.
+    label found in two parts is an error, so nothing is silently dropped. Each
+    part calibrated the device compute time on its own (on a shared machine the
+    figures differ by some percent), so profile estimates are redone with the
+    first part's calibration: runs compare on the same compute assumption.
     """
     loaded = [load_report(p / "report.json" if p.is_dir() else p) for p in parts]
     if not loaded:
@@ -192,6 +195,13 @@ def merge_reports(scenario: Scenario, parts: Sequence[Path], out: Path) -> Path:
                          extra={k: v for k, v in runs[label].items()
                                 if k not in ("codec", "strategy", "rounds")})
                for label in order]
+    compute = first.get("compute_seconds_here")
+    if compute is not None:  # one calibration for every run, whichever part measured it
+        for report in reports:
+            report.extra["profiles"] = {
+                name: estimate(report.rounds, get_profile(name), compute, scenario.per_round,
+                               scenario.target_accuracy)
+                for name in scenario.profiles}
     meta = {**first, "wall_seconds": round(sum(b["meta"]["wall_seconds"] for b in loaded), 2),
             "merged_from": [str(p) for p in parts]}
     return write_outputs(out, reports, meta)

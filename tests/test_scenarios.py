@@ -79,7 +79,8 @@ def _part(folder: Path, labels: list[str], scenario: str = "shakespeare") -> Pat
     runs = [RunReport(label, "fedavg", rounds, {"summary": summary, "profiles": {},
                                                  "wall_seconds": 60.0}) for label in labels]
     meta = {"scenario": scenario, "clients": 4, "per_round": 2, "command": "x",
-            "run_config": {"seed": 0}, "wall_seconds": 60.0}
+            "run_config": {"seed": 0}, "wall_seconds": 60.0,
+            "compute_seconds_here": 1.0 if len(labels) > 1 else 2.0}
     write_report(folder, runs, meta)
     return folder
 
@@ -93,6 +94,10 @@ def test_parts_run_with_only_merge_into_one_report_in_the_scenarios_order(tmp_pa
     assert report["meta"]["wall_seconds"] == 120.0 and len(report["meta"]["merged_from"]) == 2
     assert (tmp_path / "all" / "report.md").read_text().count("| `") == 3
     assert (tmp_path / "all" / "report.png").stat().st_size > 0
+    # profiles re-estimated with the first part's calibration (1 s here, not b's 2 s)
+    estimates = {r["codec"]: r["profiles"]["pi4-lte"] for r in report["runs"]}
+    assert set(report["runs"][0]["profiles"]) == set(sh.profiles)
+    assert estimates["int8"] == estimates["none"] and estimates["none"]["rounds_to_target"] == 4
     with pytest.raises(ValueError, match="more than one part"):
         merge_reports(sh, [a, _part(tmp_path / "c", ["none"])], tmp_path / "x")
     with pytest.raises(ValueError, match="not a shakespeare report"):
