@@ -270,21 +270,29 @@ def test_a_device_that_lost_its_anchor_costs_one_round_then_gets_the_full_model(
     assert made[0].history[3].full_messages == 1 and rounds[2].rejected == 0
 
 
-@pytest.mark.timeout(240)
-def test_edge_fleet_over_grpc_sends_deltas_to_fedge_devices_only(tmp_path) -> None:
-    """Coordinator and 3 device processes (one a stock ClientApp), real gRPC with TLS."""
+def _edge_fleet_rounds(tmp_path, *run_config: str) -> list[Any]:
+    """3 rounds on a coordinator and 3 device processes (the third a stock ClientApp),
+    real gRPC with TLS, downlink int8; `run_config` adds KEY=VALUE pairs. Returns the
+    completed rounds as the store has them."""
     from test_coordinator_e2e import _completed, fleet_of
 
+    extra = [arg for pair in run_config for arg in ("--run-config", pair)]
     with fleet_of(tmp_path) as fleet:
         fleet.start_coordinator("--rounds", "3", "--min-devices", "3", "--min-train-nodes", "3",
                                 "--codec", "int8", "--round-timeout", "90",
-                                "--run-config", "downlink-codec=int8")
+                                "--run-config", "downlink-codec=int8", *extra)
         for i, app in enumerate(["fedge.client.client_app:app"] * 2 + ["e2e_apps:stock_app"]):
             fleet.start_device(f"dev{i}", "--partition-id", str(i), "--num-partitions", "3",
                                "--app", app)
         assert fleet.wait_coordinator(200) == 0
         rounds, _ = fleet.rounds()
     assert _completed(rounds) == [1, 2, 3]
+    return rounds
+
+
+@pytest.mark.timeout(240)
+def test_edge_fleet_over_grpc_sends_deltas_to_fedge_devices_only(tmp_path) -> None:
+    rounds = _edge_fleet_rounds(tmp_path)
     assert all(r.metrics.accepted == 3 and r.metrics.rejected == 0 for r in rounds)
     full = rounds[0].metrics.downlink_bytes / 3  # round 1: the plain model to everyone
     for r in rounds[1:]:  # then: 2 deltas (fedge devices) + 1 plain model (stock device)
@@ -295,21 +303,9 @@ def test_edge_fleet_over_grpc_sends_deltas_to_fedge_devices_only(tmp_path) -> No
 
 @pytest.mark.timeout(240)
 def test_edge_fleet_compressed_first_contact_stock_device_recovers(tmp_path) -> None:
-    """As above with `downlink-first-contact=compressed`: every message is small; the stock
-    device cannot read the quantized model in round 1 and gets plain models after."""
-    from test_coordinator_e2e import _completed, fleet_of
-
-    with fleet_of(tmp_path) as fleet:
-        fleet.start_coordinator("--rounds", "3", "--min-devices", "3", "--min-train-nodes", "3",
-                                "--codec", "int8", "--round-timeout", "90",
-                                "--run-config", "downlink-codec=int8",
-                                "--run-config", "downlink-first-contact=compressed")
-        for i, app in enumerate(["fedge.client.client_app:app"] * 2 + ["e2e_apps:stock_app"]):
-            fleet.start_device(f"dev{i}", "--partition-id", str(i), "--num-partitions", "3",
-                               "--app", app)
-        assert fleet.wait_coordinator(200) == 0
-        rounds, _ = fleet.rounds()
-    assert _completed(rounds) == [1, 2, 3]
+    """With `downlink-first-contact=compressed` every message is small; the stock device
+    cannot read the quantized model in round 1 and gets plain models after."""
+    rounds = _edge_fleet_rounds(tmp_path, "downlink-first-contact=compressed")
     first, later = rounds[0].metrics, [r.metrics for r in rounds[1:]]
     assert first.accepted == 2 and first.rejected_reasons == {"client_error": 1}
     assert first.downlink_messages == {"full": 0, "first": 3, "delta": 0, "returning": 0}
