@@ -174,6 +174,8 @@ def merge_reports(scenario: Scenario, parts: Sequence[Path], out: Path) -> Path:
     part calibrated the device compute time on its own (on a shared machine the
     figures differ by some percent), so profile estimates are redone with the
     first part's calibration: runs compare on the same compute assumption.
+    Summaries and estimates use the scenario's target as defined now, so a
+    merge of one part re-renders a report after the target changed.
     """
     loaded = [load_report(p / "report.json" if p.is_dir() else p) for p in parts]
     if not loaded:
@@ -196,12 +198,13 @@ def merge_reports(scenario: Scenario, parts: Sequence[Path], out: Path) -> Path:
                                 if k not in ("codec", "strategy", "rounds")})
                for label in order]
     compute = first.get("compute_seconds_here")
-    if compute is not None:  # one calibration for every run, whichever part measured it
-        for report in reports:
+    for report in reports:  # the scenario's target, and one calibration for every run
+        report.extra["summary"] = run_summary(report.rounds, scenario.target_accuracy)
+        if compute is not None:
             report.extra["profiles"] = {
                 name: estimate(report.rounds, get_profile(name), compute, scenario.per_round,
                                scenario.target_accuracy)
                 for name in scenario.profiles}
     meta = {**first, "wall_seconds": round(sum(b["meta"]["wall_seconds"] for b in loaded), 2),
-            "merged_from": [str(p) for p in parts]}
+            "target_accuracy": scenario.target_accuracy, "merged_from": [str(p) for p in parts]}
     return write_outputs(out, reports, meta)

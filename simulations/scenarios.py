@@ -139,7 +139,9 @@ SHAKESPEARE = Scenario(
     lr=0.8,
     local_epochs=1,
     batch_size=10,
-    target_accuracy=0.40,
+    # reached by `none` at round 30 of 50 (it ends near 0.39): LEAF's ~0.5 takes its 256-unit
+    # model and far more rounds than this CPU budget
+    target_accuracy=0.35,
     # CPU budget: at most 640 training windows per client and round (a seeded subset);
     # the server evaluates on 5,000 windows drawn from every client's held-out tail
     extra={"max-client-samples": 640, "central-test-size": 5000, "test-fraction": 0.1},
