@@ -66,32 +66,47 @@ def cumulative(values: Sequence[float]) -> list[float]:
 
 
 def plot_report(report: Mapping[str, Any], path: Path, title: str = "") -> Path:
-    """Accuracy against round and against cumulative uplink MB, one line per codec."""
+    """One line per run: accuracy against round, its difference from `none`, and
+    accuracy against cumulative uplink and downlink MB (where compression pays)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for run in report["runs"]:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.6), constrained_layout=True)
+    (by_round, vs_none), (by_up, by_down) = axes
+    runs = [run for run in report["runs"] if run["rounds"]]
+    base = next((run for run in runs if run["codec"] == "none"), None)
+    base_acc = {r["round"]: r["accuracy"] for r in base["rounds"]} if base else {}
+    for i, run in enumerate(runs):
         rounds = run["rounds"]
-        if not rounds:
-            continue
-        label = f"{run['codec']} ({run['strategy']})"
+        style = {"marker": "o", "markersize": 2.5, "linewidth": 1.2,
+                 "linestyle": "--" if i % 2 else "-", "label": run["codec"]}
         xs = [r["round"] for r in rounds]
         accuracy = [r["accuracy"] for r in rounds]
-        uplink_mb = [b / 1e6 for b in cumulative([r["uplink_bytes"] for r in rounds])]
-        by_round.plot(xs, accuracy, marker="o", markersize=3, label=label)
-        by_bytes.plot(uplink_mb, accuracy, marker="o", markersize=3, label=label)
-    by_round.set_xlabel("round")
-    by_round.set_ylabel("centralized accuracy")
-    by_round.grid(alpha=0.3)
-    by_bytes.set_xlabel("cumulative uplink (MB, log scale)")
-    by_bytes.set_xscale("log")
-    by_bytes.grid(alpha=0.3, which="both")
+        by_round.plot(xs, accuracy, **style)
+        diff = [(r["round"], 100 * (r["accuracy"] - base_acc[r["round"]])) for r in rounds
+                if r["accuracy"] is not None and base_acc.get(r["round"]) is not None]
+        if diff:
+            vs_none.plot(*zip(*diff, strict=True), **style)
+        for axis, key in ((by_up, "uplink_bytes"), (by_down, "downlink_bytes")):
+            mb = [b / 1e6 for b in cumulative([r[key] for r in rounds])]
+            axis.plot(mb, accuracy, **style)
+    by_round.set(xlabel="round", ylabel="centralized accuracy")
+    vs_none.set(xlabel="round", ylabel="accuracy minus `none` (points)")
+    vs_none.axhline(0, color="black", linewidth=0.8)
+    if not base:
+        vs_none.text(0.5, 0.5, "no `none` run to compare with", ha="center",
+                     transform=vs_none.transAxes)
+    by_up.set(xlabel="cumulative uplink (MB, log scale)", ylabel="centralized accuracy",
+              xscale="log")
+    by_down.set(xlabel="cumulative downlink (MB, log scale)", ylabel="centralized accuracy",
+                xscale="log")
+    for axis in axes.flat:
+        axis.grid(alpha=0.3, which="both")
     by_round.legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
