@@ -191,6 +191,9 @@ def merge_reports(scenario: Scenario, parts: Sequence[Path], out: Path) -> Path:
             if run["codec"] in runs:
                 raise ValueError(f"run {run['codec']!r} is in more than one part")
             runs[run["codec"]] = run
+    unknown = sorted(set(runs) - {r.label for r in scenario.runs})
+    if unknown:
+        raise ValueError(f"runs {', '.join(unknown)} are not runs of {scenario.name}")
     order = [r.label for r in scenario.runs if r.label in runs]
     reports = [RunReport(codec=label, strategy=runs[label]["strategy"],
                          rounds=runs[label]["rounds"],

@@ -100,6 +100,8 @@ def test_parts_run_with_only_merge_into_one_report_in_the_scenarios_order(tmp_pa
     assert estimates["int8"] == estimates["none"] and estimates["none"]["rounds_to_target"] == 4
     with pytest.raises(ValueError, match="more than one part"):
         merge_reports(sh, [a, _part(tmp_path / "c", ["none"])], tmp_path / "x")
+    with pytest.raises(ValueError, match="not runs of shakespeare"):
+        merge_reports(sh, [_part(tmp_path / "e", ["int2"])], tmp_path / "z")
     with pytest.raises(ValueError, match="not a shakespeare report"):
         merge_reports(sh, [a, _part(tmp_path / "d", ["int8"], "fashion-mnist-100")],
                       tmp_path / "y")
