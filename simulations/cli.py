@@ -122,15 +122,3 @@ def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path
     console.print(f"report: {path}\nplot:   {path.with_suffix('.png')}\n"
                   f"table:  {path.with_suffix('.md')}")
 
-
-def demo_command(
-    out: Path = typer.Option(Path("fedge-out/demo"), help="Folder for the report."),
-) -> None:
-    """The main job: a small compressed federation on digits, in under two minutes."""
-    simulate_command(
-        dataset="digits", model="auto", task="", clients=10, rounds=5, fraction=1.0,
-        min_clients=2, partition="iid", alpha=0.5, classes_per_client=2, strategy="fedavg",
-        codec="none,int8", downlink="none", downlink_first_contact="full", seed=0, lr=None,
-        local_epochs=None, batch_size=None, data_dir=None, out=out, scenario="", smoke=False,
-        engine="", only="", merge="",
-    )
