@@ -121,4 +121,3 @@ def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path
     console.print(markdown_table(load_report(path)))
     console.print(f"report: {path}\nplot:   {path.with_suffix('.png')}\n"
                   f"table:  {path.with_suffix('.md')}")
-
