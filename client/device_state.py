@@ -17,18 +17,17 @@ No Flower or gRPC here: the runtime hands bytes in and out.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedge.common.atomic_file import atomic_write
 from fedge.common.chunking import is_sha256_hex, sha256_file, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -71,31 +70,6 @@ class OutboxEntry:
     @property
     def sidecar(self) -> Path:
         return self.path.with_suffix(".json")
-
-
-def atomic_write(path: Path, data: bytes | bytearray | memoryview, mode: int = 0o600) -> None:
-    """Write `data` to `path` so that a crash leaves either the old or the new file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_name(task_id: str) -> str:

@@ -292,6 +292,8 @@ def _check_reply(
 
 
 def _atomic_create(path: Path, data: bytes, mode: int) -> None:
+    """Like `fedge.common.atomic_file.atomic_write`, but the file is created with `mode`
+    and never chmod-ed afterwards: a key is never, even briefly, under other permissions."""
     tmp = path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:

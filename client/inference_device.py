@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedge.common.atomic_file import atomic_write
 from fedge.common.export import DEFAULT_MAX_MODEL_BYTES, ModelFileError, parse_model_file
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ class InferenceDevice:
             return CheckResult("refused", version, f"{e.reason}: {e.detail}")
         if held is not None and held[0] == hashlib.sha256(data).hexdigest():
             return CheckResult("unchanged", source)
-        _write_atomically(self.path, data)
+        atomic_write(self.path, data, prefix=".tmp-model-", make_parents=True)
         log.info("installed model %s (%s, %d bytes) at %s", source[:12], self.fmt, len(data),
                  self.path)
         return CheckResult("installed", source)
@@ -146,25 +145,6 @@ class InferenceDevice:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-model-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def run_cli(model_url: str, data: Path, *, fmt: str, interval_s: float) -> int:

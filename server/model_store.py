@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from fedge.common.atomic_file import atomic_write
 from fedge.common.chunking import is_sha256_hex, sha256_file
 from fedge.common.snapshot import arrays_to_snapshot, snapshot_to_arrays
 
@@ -82,19 +82,7 @@ class ModelStore:
         target = self.path(version)
         if target.exists() and sha256_file(target) == version:
             return version
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(snapshot_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.folder)
+        atomic_write(target, snapshot_bytes, 0o644, prefix=TEMP_PREFIX)
         return version
 
     def put_arrays(
@@ -165,10 +153,3 @@ class ModelStore:
         return removed
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (POSIX: the directory entry needs its own fsync)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

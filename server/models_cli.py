@@ -13,9 +13,7 @@ every subcommand.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
+from fedge.common.atomic_file import atomic_write
 
 DEFAULT_STATE = Path("fedge-out/coordinator")
 FORMATS = ("fp32", "fp16", "int8", "int4")
@@ -198,20 +198,7 @@ def export_command(
     with _registry(state) as reg:
         full = reg.resolve(version)
         data = reg.export(full, fmt)
-    _write_atomic(out, data)
+    atomic_write(out, data, 0o644, prefix=f".{out.name}.", make_parents=True)
     typer.echo(f"wrote {out}: {full[:12]} as {fmt}, {len(data):,} bytes")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

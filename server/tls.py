@@ -18,7 +18,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedge.common.atomic_file import atomic_write
 
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=825)
@@ -315,27 +316,10 @@ def _load_cert_bytes(pem: bytes) -> x509.Certificate:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write a key atomically, created 0600 (never briefly world-readable)."""
-    _atomic_write(path, data, 0o600)
+    atomic_write(path, data, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    _atomic_write(path, data, 0o644)
+    atomic_write(path, data, 0o644)
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)  # mkstemp creates 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
