@@ -11,7 +11,10 @@ expect): `ClientApp(mods=[compression_mod])`. On a `train` message it
 3. takes the reply's full weights and computes `delta = local - global`,
 4. encodes the delta with the codec named in the train config (`fedge.codec`),
    adding the error-feedback residual kept in `context.state` (a per-tensor
-   ArrayRecord, so it survives between rounds and, on a device, restarts),
+   ArrayRecord, so it survives between rounds and, on a device, restarts);
+   with the codec option ``ahead=A`` (default 1 for top-k) A x the residual
+   is added to the incoming model before step 2 instead, so the app trains
+   from where the server would be had the device's unsent update arrived,
 5. stores the new residual and replaces the reply's arrays with a single uint8
    array `fedge.update`: the serialized `ModelUpdate` (docs/CONTRACTS.md).
 
@@ -96,13 +99,49 @@ def store_residual(
 
 
 def _usable_residual(
-    residual: dict[str, np.ndarray], delta: Mapping[str, np.ndarray]
+    residual: dict[str, np.ndarray], model: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray] | None:
     """The residual if it fits this model tensor for tensor, else None (start afresh)."""
     if not residual:
         return None
-    fits = all(k in delta and residual[k].shape == delta[k].shape for k in residual)
+    fits = all(k in model and residual[k].shape == model[k].shape for k in residual)
     return residual if fits else None
+
+
+def _with_residual_applied(
+    message: Message,
+    global_: Mapping[str, np.ndarray],
+    residual: Mapping[str, np.ndarray],
+    ahead: float,
+) -> Message:
+    """`message` with its model replaced by global + ahead x residual (codec option).
+
+    The app then trains from (near) the model the server would hold had this
+    device's unsent update arrived, so its new update does not repeat what the
+    residual already carries; `delta = local - global` includes that part. A new
+    ArrayRecord replaces the old one, which the downlink cache may hold as its
+    anchor, so nothing it keeps is changed.
+    """
+    found = _array_record(message)
+    if found is None:  # cannot happen: global_ came from it
+        return message
+    key, record = found
+    arrays: dict[str, Array] = {}
+    for name, array in record.items():
+        if name in residual:
+            g = global_[name]
+            arrays[name] = Array(np.asarray(g + ahead * residual[name], dtype=g.dtype))
+        else:
+            arrays[name] = array
+    message.content[key] = ArrayRecord(arrays)
+    return message
+
+
+def _scaled(residual: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarray] | None:
+    """`factor` x the residual; None when nothing of it is left."""
+    if factor == 0.0:
+        return None
+    return {k: (v * np.float32(factor)).astype(v.dtype) for k, v in residual.items()}
 
 
 def _delta(
@@ -157,10 +196,18 @@ def make_compression_mod(
         spec = str(cfg.get(CODEC_KEY, default_codec or "") or "").strip()
         # a model that came as a downlink delta: reply with an exact delta even for `none`,
         # so the server adds it to the exact global model (docs/compression.md)
-        if not spec or (not parse_codec(spec).lossy and not is_downlink(message)):
+        codec = parse_codec(spec) if spec else None
+        if codec is None or (not codec.lossy and not is_downlink(message)):
             return call_next(message, context)  # `none`: full weights, as a stock client
 
         global_ = incoming_global(message)
+        residual = None
+        if global_ is not None and not cfg.get(RESET_RESIDUAL_KEY):
+            residual = _usable_residual(load_residual(context, state_key), global_)
+        if residual is not None and codec.ahead:
+            message = _with_residual_applied(message, global_, residual, codec.ahead)
+            # the local update now holds `ahead` of the residual; the rest is added as usual
+            residual = _scaled(residual, 1.0 - codec.ahead)
         reply = call_next(message, context)
         if global_ is None or reply.has_error():
             return reply
@@ -179,10 +226,8 @@ def make_compression_mod(
         try:
             update, residual = encode_update(
                 delta,
-                spec,
-                residual=None
-                if cfg.get(RESET_RESIDUAL_KEY)
-                else _usable_residual(load_residual(context, state_key), delta),
+                codec,
+                residual=residual,
                 rng=_rng(context, server_round),
                 run_id=str(cfg.get(RUN_ID_KEY, "")),
                 round=server_round,

@@ -8,13 +8,19 @@ Grammar: stages joined by ``+``, each ``name[:opt[:opt...]]``.
 
 - value stages (exactly one): ``none`` (dense, lossless), ``fp16`` (dense
   float16), ``int8``, ``int4`` (symmetric absmax scales per block);
-- ``topk=F`` (0 < F <= 1): keep the ``max(1, round(F*n))`` largest magnitudes;
-  needs ``int8`` or ``int4`` for the kept values;
+- ``topk=F`` (0 < F <= 1): keep the ``max(1, round(F*n))`` largest magnitudes
+  of the update's n sparsified elements, chosen across all its tensors at once
+  (``pertensor``: F of each tensor instead); needs ``int8`` or ``int4`` for the
+  kept values;
 - options, on any stage, each at most once: ``block=N`` (elements per scale,
   0 = one scale per tensor; int stages only), ``stochastic`` (unbiased
   rounding; int stages only), ``noef`` (no error feedback; lossy specs only),
   ``small=N`` (tensors with fewer than N elements stay dense and lossless;
-  lossy specs only).
+  lossy specs only), ``pertensor`` (topk specs only), ``ahead=A`` (0 <= A <= 1:
+  the device trains from the global model plus A x its residual, so local
+  training starts where its unsent update points; the rest of the residual is
+  added to the update as usual. Default 1 for topk specs with error feedback,
+  whose residual is most of an update, else 0; error feedback specs only).
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ DEFAULT_BLOCK = DEFAULT_BLOCKS[4]
 # saves, and error feedback keeps what fp16 rounding drops). The digits MLP's
 # 640-element output layer is then quantized, which its uplink bar needs.
 DEFAULT_SMALL = 256
+# Top-k keeps ~99 % of an update on the device; training from global + residual
+# (rather than adding the residual to an update trained without it) ended 1.5
+# points higher on fashion-mnist-100 (docs/codec.md). Dense quantizers' residuals
+# are rounding noise: 0 leaves them as they were measured.
+DEFAULT_TOPK_AHEAD = 1.0
 MAX_BLOCK = 1 << 24
 
 _VALUE_STAGES = ("none", "fp16", "int8", "int4")
@@ -51,6 +62,8 @@ class CodecSpec:
     topk: float | None = None
     error_feedback: bool = True
     small: int = DEFAULT_SMALL
+    topk_per_tensor: bool = False  # F of each tensor, not F of the whole update
+    ahead: float | None = None  # None: `default_ahead`; see client/compression_mod.py
 
     def __post_init__(self) -> None:
         if self.bits not in (None, 4, 8):
@@ -71,9 +84,18 @@ class CodecSpec:
             if self.bits is None:
                 raise CodecSpecError("topk needs int8 or int4 for the kept values")
             object.__setattr__(self, "topk", float(self.topk))
+        elif self.topk_per_tensor:
+            raise CodecSpecError("pertensor applies to topk specs only")
         # Normalise fields that have no effect, so equal canonical strings mean equal specs.
         if self.bits is None:
             object.__setattr__(self, "block", DEFAULT_BLOCK)
+        if self.ahead is None:
+            object.__setattr__(self, "ahead", self.default_ahead)
+        elif not (isinstance(self.ahead, float | int) and 0.0 <= self.ahead <= 1.0):
+            raise CodecSpecError(f"ahead must be in [0, 1], not {self.ahead!r}")
+        elif self.ahead and not self.uses_error_feedback:
+            raise CodecSpecError("ahead needs error feedback (a lossy spec without noef)")
+        object.__setattr__(self, "ahead", float(self.ahead))
         if not self.lossy:
             object.__setattr__(self, "error_feedback", False)
             object.__setattr__(self, "small", DEFAULT_SMALL)
@@ -87,6 +109,11 @@ class CodecSpec:
     def uses_error_feedback(self) -> bool:
         """Whether encoding returns a residual to add next round."""
         return self.lossy and self.error_feedback
+
+    @property
+    def default_ahead(self) -> float:
+        """1 for topk with error feedback (its residual is most of an update), else 0."""
+        return DEFAULT_TOPK_AHEAD if self.topk is not None and self.uses_error_feedback else 0.0
 
     @property
     def canonical(self) -> str:
@@ -103,6 +130,10 @@ class CodecSpec:
             opts.append("noef")
         if self.small != DEFAULT_SMALL:
             opts.append(f"small={self.small}")
+        if self.topk_per_tensor:
+            opts.append("pertensor")
+        if self.ahead != self.default_ahead:
+            opts.append(f"ahead={self.ahead!r}")
         stage = ":".join([value, *opts])
         if self.topk is not None:
             return f"topk={float(self.topk)!r}+{stage}"
@@ -120,15 +151,26 @@ def _parse_int(value: str, what: str, part: str, spec: str) -> int:
     return int(value)
 
 
-def _parse_topk(value: str, part: str, spec: str) -> float:
+def _float_or_nan(value: str) -> float:
     try:
-        fraction = float(value)
+        return float(value)
     except ValueError:
-        fraction = math.nan
+        return math.nan
+
+
+def _parse_topk(value: str, part: str, spec: str) -> float:
+    fraction = _float_or_nan(value)
     if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
         raise CodecSpecError(
             f"bad topk fraction {value!r} in {part!r} of {spec!r}: expected 0 < F <= 1"
         )
+    return fraction
+
+
+def _parse_fraction(value: str, key: str, spec: str) -> float:
+    fraction = _float_or_nan(value)
+    if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+        raise CodecSpecError(f"bad {key}={value!r} in {spec!r}: expected 0 <= {key} <= 1")
     return fraction
 
 
@@ -162,13 +204,13 @@ def parse_codec(spec: str) -> CodecSpec:
             raise CodecSpecError(f"unknown codec {name!r} in {spec!r}")
         for opt in opts:
             key, sep, arg = opt.partition("=")
-            if key not in ("block", "small", "stochastic", "noef"):
+            if key not in ("block", "small", "stochastic", "noef", "pertensor", "ahead"):
                 raise CodecSpecError(f"unknown option {opt!r} in {stage!r} of {spec!r}")
             if key in options:
                 raise CodecSpecError(f"option {key!r} given twice in {spec!r}")
-            if key in ("block", "small") and not sep:
+            if key in ("block", "small", "ahead") and not sep:
                 raise CodecSpecError(f"option {key!r} needs a value ({key}=N) in {spec!r}")
-            if key in ("stochastic", "noef") and sep:
+            if key in ("stochastic", "noef", "pertensor") and sep:
                 raise CodecSpecError(f"option {key!r} takes no value in {spec!r}")
             options[key] = arg if sep else None
     if value is None:
@@ -177,6 +219,13 @@ def parse_codec(spec: str) -> CodecSpec:
                 f"topk needs a value codec for the kept values: add '+int8' or '+int4' to {spec!r}"
             )
         raise CodecSpecError(f"no value codec (none, fp16, int8, int4) in {spec!r}")
+    ahead: float | None = None
+    if "ahead" in options:
+        ahead = _parse_fraction(options["ahead"] or "", "ahead", spec)
+        if ahead and (value == "none" or "noef" in options):
+            raise CodecSpecError(f"option 'ahead' needs error feedback, in {spec!r}")
+    if "pertensor" in options and topk is None:
+        raise CodecSpecError(f"option 'pertensor' applies to topk specs only, in {spec!r}")
     if topk is not None and value not in ("int8", "int4"):
         raise CodecSpecError(f"topk combines with int8 or int4, not {value!r}, in {spec!r}")
     is_int = value in ("int8", "int4")
@@ -203,6 +252,8 @@ def parse_codec(spec: str) -> CodecSpec:
         topk=topk,
         error_feedback=value != "none" and "noef" not in options,
         small=small,
+        topk_per_tensor="pertensor" in options,
+        ahead=ahead,
     )
 
 

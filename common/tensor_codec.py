@@ -19,7 +19,13 @@ import numpy as np
 from fedge.common import quantize as qz
 from fedge.common.codec_spec import CodecSpec
 from fedge.common.errors import UpdateRejected
-from fedge.common.topk import decode_positions, encode_positions, select_topk, topk_count
+from fedge.common.topk import (
+    TopkShare,
+    decode_positions,
+    encode_positions,
+    select_topk,
+    topk_count,
+)
 from fedge.v1 import tensor_pb2
 
 # wire dtype -> little-endian numpy dtype
@@ -142,6 +148,12 @@ def _fill_quantized(
     msg.values = q.tobytes()
 
 
+def is_sparsified(array: np.ndarray, spec: CodecSpec) -> bool:
+    """Whether `fill_encoded` sends `array` as top-k positions and values."""
+    a = np.asarray(array)
+    return spec.topk is not None and a.dtype.kind == "f" and a.size >= spec.small
+
+
 def fill_encoded(
     msg: tensor_pb2.EncodedTensor,
     name: str,
@@ -149,11 +161,14 @@ def fill_encoded(
     spec: CodecSpec,
     residual: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
+    topk_share: TopkShare | None = None,
 ) -> np.ndarray | None:
     """Encode `array` (+ `residual`) into `msg` in place; return the new float32 residual.
 
-    Returns None for tensors error feedback does not track (non-float, or a
-    lossless spec, or error feedback off).
+    `topk_share` is this tensor's part of an update-wide top k (`split_topk`);
+    without it a topk spec keeps its fraction of this tensor. Returns None for
+    tensors error feedback does not track (non-float, or a lossless spec, or
+    error feedback off).
     """
     if not name:
         raise ValueError("tensor names must be non-empty")
@@ -207,7 +222,10 @@ def fill_encoded(
     quant = msg.quantized
     if spec.topk is not None:
         _check_finite(x, name)
-        positions = select_topk(x, topk_count(x.size, spec.topk))
+        if topk_share is None:
+            positions = select_topk(x, topk_count(x.size, spec.topk))
+        else:
+            positions = select_topk(x, topk_share.count, topk_share.threshold)
         kept = x[positions]
         kept_res = np.empty_like(kept) if track else None
         _fill_quantized(quant, name, a.shape, a.dtype, kept, spec, rng_used, kept_res)

@@ -21,7 +21,14 @@ from google.protobuf.message import DecodeError
 from fedge.common.alloc import note_payload
 from fedge.common.codec_spec import CodecSpec, as_spec, parse_codec
 from fedge.common.errors import CodecSpecError, UpdateRejected
-from fedge.common.tensor_codec import Expected, decode_tensor, fill_encoded, tensor_name
+from fedge.common.tensor_codec import (
+    Expected,
+    decode_tensor,
+    fill_encoded,
+    is_sparsified,
+    tensor_name,
+)
+from fedge.common.topk import TopkShare, split_topk
 from fedge.v1 import tensor_pb2, update_pb2
 
 # A 1.66M-parameter CNN in fp32 is 6.6 MB; 256 MiB leaves room for ~60M-float
@@ -60,15 +67,34 @@ def _fill_all(
     unknown = set(residual) - set(arrays)
     if unknown:
         raise ValueError(f"residual for tensors not in the update: {sorted(unknown)}")
-    new_residual: dict[str, np.ndarray] = {}
-    for name, array in arrays.items():
+    for name in arrays:
         if not isinstance(name, str):
             raise ValueError(f"tensor names must be strings, not {type(name).__name__}")
+    keep = _topk_shares(arrays, spec, residual)
+    new_residual: dict[str, np.ndarray] = {}
+    for name, array in arrays.items():
         msg = add()
-        res = fill_encoded(msg, name, array, spec, residual.get(name), rng)
+        res = fill_encoded(msg, name, array, spec, residual.get(name), rng, keep.get(name))
         if res is not None:
             new_residual[name] = res
     return new_residual
+
+
+def _topk_shares(
+    arrays: Mapping[str, np.ndarray], spec: CodecSpec, residual: Mapping[str, np.ndarray]
+) -> dict[str, TopkShare]:
+    """Each sparsified tensor's share of an update-wide top k ({}: each tensor's own k)."""
+    if spec.topk is None or spec.topk_per_tensor:
+        return {}
+    names = [name for name, array in arrays.items() if is_sparsified(array, spec)]
+    if len(names) < 2:  # one tensor's own k is the update's
+        return {}
+    values: dict[str, np.ndarray] = {}
+    for name in names:
+        x = np.asarray(arrays[name], np.float32)
+        res = residual.get(name)
+        values[name] = x if res is None else x + np.asarray(res, np.float32).reshape(x.shape)
+    return split_topk(values, spec.topk)
 
 
 def encode_arrays(

@@ -158,6 +158,54 @@ def test_topk_keeps_exactly_the_k_largest(x: np.ndarray, fraction: float) -> Non
 
 @SETTINGS
 @given(
+    sizes=st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=5),
+    scales=st.lists(st.sampled_from([0.01, 1.0, 100.0]), min_size=5, max_size=5),
+    fraction=st.floats(min_value=0.001, max_value=1.0),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_topk_keeps_the_k_largest_of_the_whole_update(
+    sizes: list[int], scales: list[float], fraction: float, seed: int
+) -> None:
+    # tensors of different magnitudes, some values repeated so that ties occur
+    rng = np.random.default_rng(seed)
+    arrays = {
+        f"t{i}": (rng.integers(-3, 4, n) * np.float32(scale)).astype(np.float32)
+        for i, (n, scale) in enumerate(zip(sizes, scales, strict=False))
+    }
+    update, _ = encode_update(arrays, f"topk={fraction!r}+int8:small=0:noef")
+    kept = {}
+    for t in update.tensors:
+        q = t.quantized
+        n = arrays[q.name].size
+        kept[q.name] = decode_positions(q.indices.delta_varint, q.indices.count, n)
+    names = list(arrays)
+    # the update's elements in tensor order: (magnitude, -tensor index, -position), largest first
+    ranked = sorted(
+        ((abs(float(v)), -i, -p) for i, name in enumerate(names)
+         for p, v in enumerate(arrays[name])),
+        reverse=True,
+    )
+    k = topk_count(sum(sizes), fraction)
+    want = {(names[-i], -p) for _, i, p in ranked[:k]}
+    got = {(name, int(p)) for name, positions in kept.items() for p in positions}
+    assert got == want
+
+
+def test_pertensor_keeps_the_fraction_of_each_tensor() -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"big": rng.standard_normal(5000).astype(np.float32),
+              "loud": (100 * (1 + rng.random(300))).astype(np.float32)}
+    counts = {}
+    for spec in ("topk=0.1+int8", "topk=0.1+int8:pertensor"):
+        update, _ = encode_update(arrays, spec)
+        counts[spec] = {t.quantized.name: t.quantized.indices.count for t in update.tensors}
+    # update-wide: the loud small tensor goes whole, the rest of k from the big one
+    assert counts["topk=0.1+int8"] == {"loud": 300, "big": 230}
+    assert counts["topk=0.1+int8:pertensor"] == {"loud": 30, "big": 500}
+
+
+@SETTINGS
+@given(
     codec=st.sampled_from(
         ["int8", "int4", "fp16", "topk=0.05+int4", "topk=0.2+int8:block=16", "int4:stochastic"]
     ),

@@ -36,6 +36,14 @@ from fedge.common.errors import CodecSpecError
         ),
         (" INT8 ", {"bits": 8}, "int8"),
         ("topk=1+int8", {"topk": 1.0}, "topk=1.0+int8"),
+        ("topk=0.01+int4", {"topk_per_tensor": False}, "topk=0.01+int4"),
+        ("topk=0.01:pertensor+int4", {"topk_per_tensor": True}, "topk=0.01+int4:pertensor"),
+        ("int4", {"ahead": 0.0}, "int4"),
+        ("int4:ahead=0.5", {"ahead": 0.5}, "int4:ahead=0.5"),
+        ("topk=0.01+int4", {"ahead": 1.0}, "topk=0.01+int4"),
+        ("topk=0.01+int4:ahead=1", {"ahead": 1.0}, "topk=0.01+int4"),
+        ("topk=0.01+int4:ahead=0", {"ahead": 0.0}, "topk=0.01+int4:ahead=0.0"),
+        ("topk=0.01+int4:noef", {"ahead": 0.0}, "topk=0.01+int4:noef"),
     ],
 )
 def test_good_specs(text: str, fields: dict, canonical: str) -> None:
@@ -71,6 +79,12 @@ def test_lossy_and_error_feedback_defaults() -> None:
         ("topk=nan+int8", "'nan'"),
         ("topk+int8", "topk needs a fraction"),
         ("topk=0.1+topk=0.2+int8", "topk given twice"),
+        ("int8:pertensor", "'pertensor' applies to topk specs only"),
+        ("int8:noef:ahead=1", "'ahead' needs error feedback"),
+        ("int8:ahead", "needs a value"),
+        ("int8:ahead=1.5", "expected 0 <= ahead <= 1"),
+        ("int8:ahead=x", "expected 0 <= ahead <= 1"),
+        ("topk=0.1+int8:pertensor=1", "takes no value"),
         ("int8+int4", "'int8' and 'int4'"),
         ("none+int8", "'none' and 'int8'"),
         ("topk=0.1+fp16", "not 'fp16'"),
@@ -109,6 +123,11 @@ def test_non_string_is_rejected() -> None:
         {"bits": 8, "topk": 0.0},
         {"bits": 8, "topk": 2.0},
         {"bits": 8, "small": -1},
+        {"bits": 8, "topk_per_tensor": True},
+        {"bits": 8, "error_feedback": False, "ahead": 1.0},
+        {"ahead": 0.5},
+        {"bits": 8, "ahead": -0.1},
+        {"bits": 8, "ahead": 2.0},
     ],
 )
 def test_direct_construction_is_validated(kwargs: dict) -> None:
@@ -130,9 +149,18 @@ def test_ineffective_fields_are_normalised() -> None:
     stochastic=st.booleans(),
     noef=st.booleans(),
     small=st.integers(min_value=0, max_value=10**6),
+    pertensor=st.booleans(),
+    ahead=st.one_of(st.none(), st.floats(min_value=0.0, max_value=1.0)),
 )
 def test_canonical_round_trip(
-    value: str, topk: float | None, block: int, stochastic: bool, noef: bool, small: int
+    value: str,
+    topk: float | None,
+    block: int,
+    stochastic: bool,
+    noef: bool,
+    small: int,
+    pertensor: bool,
+    ahead: float | None,
 ) -> None:
     is_int = value != "fp16"
     opts = [f"small={small}"]
@@ -142,12 +170,16 @@ def test_canonical_round_trip(
             opts.append("stochastic")
     if noef:
         opts.append("noef")
+    elif ahead is not None:
+        opts.append(f"ahead={ahead!r}")
     text = ":".join([value, *opts])
     if topk is not None and is_int:
-        text = f"topk={topk!r}+{text}"
+        text = f"topk={topk!r}+{text}" + (":pertensor" if pertensor else "")
     spec = parse_codec(text)
     assert parse_codec(spec.canonical) == spec
     assert spec.error_feedback is not noef
     assert spec.small == small
+    if ahead is not None and not noef:
+        assert spec.ahead == ahead
     if is_int:
         assert spec.block == block and spec.bits == int(value[3:])

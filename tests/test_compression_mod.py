@@ -142,6 +142,41 @@ def test_reset_residual_starts_the_update_without_the_residual() -> None:
     np.testing.assert_allclose(second.arrays["w"], first.arrays["w"], atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("codec", "ahead"),
+    [("topk=0.05+int8", 1.0), ("topk=0.05+int8:ahead=0.5", 0.5), ("topk=0.05+int8:ahead=0", 0.0)],
+)
+def test_ahead_trains_from_the_global_model_plus_the_residual(codec: str, ahead: float) -> None:
+    ctx = _context()
+    seen: list[np.ndarray] = []
+
+    def remember(message: Message, context: Context, call_next) -> Message:
+        seen.append(message.content["arrays"]["w"].numpy().copy())
+        return call_next(message, context)
+
+    # the recording mod sits after the compression mod: it sees what the app trains from
+    app = fixed_step_app(mods=(compression_mod, remember))
+    cfg = {**CFG, "fedge.codec": codec}
+    decoded = []
+    received = []
+    for round_ in (1, 2, 3):
+        message = _message({**cfg, "server-round": round_})
+        received.append(message.content["arrays"])
+        reply = app(message, ctx)
+        decoded.append(decode_update(reply.content["arrays"][UPDATE_KEY].data))
+        owed = ctx.state[RESIDUAL_STATE_KEY]["w"].numpy().copy()
+        if round_ == 1:
+            first_owed = owed
+    np.testing.assert_array_equal(seen[0], GLOBAL["w"])  # no residual yet
+    np.testing.assert_allclose(seen[1], GLOBAL["w"] + ahead * first_owed, atol=1e-6)
+    # the record that came in (a downlink anchor may be that record) is not changed
+    np.testing.assert_array_equal(received[1]["w"].numpy(), GLOBAL["w"])
+    # error feedback still conserves: sent over three rounds + still owed == three steps
+    sent = sum(d.arrays["w"] for d in decoded)
+    np.testing.assert_allclose(sent + owed, 3 * STEP["w"], atol=1e-5)
+    assert np.abs(owed).max() > 0
+
+
 def test_no_codec_or_none_passes_through() -> None:
     for cfg in ({"server-round": 1}, {**CFG, "fedge.codec": "none"}):
         ctx = _context()

