@@ -39,6 +39,7 @@ from fedge.client.edge_session import (
     DeviceInfo,
     DeviceRevoked,
     LinkDown,
+    NotRecognised,
     Session,
     SessionLost,
     Task,
@@ -338,6 +339,16 @@ class EdgeDevice:
                 level = logging.WARNING if self.backoff.failures == 1 else logging.INFO
                 log.log(level, "coordinator unreachable (%s); retrying in %.1f s", why, delay)
                 await asyncio.sleep(delay)
+            except NotRecognised as e:
+                # the coordinator's registry lost this device (reset, restored from an old
+                # backup) or it was enrolled again elsewhere: only an operator can fix that,
+                # but the registry may come back, so keep trying slowly
+                delay = self.backoff.next_delay()
+                level = logging.WARNING if self.backoff.failures == 1 else logging.INFO
+                log.log(level, "the coordinator does not recognise this device's certificate "
+                        "(%s): enroll it again with a new token (`fedge enroll`); retrying "
+                        "in %.1f s", e, delay)
+                await asyncio.sleep(delay)
             except DeviceRevoked:
                 raise
             except Exception:  # a long-lived device outlives a bug in one step
@@ -384,7 +395,7 @@ class EdgeDevice:
                 log.info("heartbeat: session lost; joining again")
                 try:
                     await self._join(session.token)
-                except (SessionLost, LinkDown, grpc.aio.AioRpcError) as e:
+                except (SessionLost, NotRecognised, LinkDown, grpc.aio.AioRpcError) as e:
                     log.debug("heartbeat: join failed (%s)", e)
                 continue
             except (LinkDown, grpc.aio.AioRpcError) as e:

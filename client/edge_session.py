@@ -5,6 +5,9 @@ Everything the device asks the coordinator (except pushing results, see
 the few outcomes the runtime acts on (docs/coordinator.md, "Status codes"):
 
 - `SessionLost` (UNAUTHENTICATED): Join again with the same device id;
+- `NotRecognised` (UNAUTHENTICATED on Join itself): the coordinator knows no
+  device with this certificate; keep retrying, and tell the operator to
+  enroll the device again;
 - `DeviceRevoked` (PERMISSION_DENIED): stop;
 - `LinkDown` (UNAVAILABLE, deadline, a stalled stream ...): back off, reconnect.
 
@@ -51,6 +54,10 @@ _LINK_CODES = {
 
 class SessionLost(Exception):
     """The coordinator does not know our session (it restarted): Join again."""
+
+
+class NotRecognised(Exception):
+    """Join refused (UNAUTHENTICATED): no enrolled device holds this certificate."""
 
 
 class DeviceRevoked(Exception):
@@ -239,6 +246,8 @@ class CoordinatorLink:
             err = translate(e)
             if err is e:  # INVALID_ARGUMENT etc.: nothing the device can fix, retry slowly
                 raise LinkDown(f"Join refused: {e.code().name}: {e.details()}") from e
+            if isinstance(err, SessionLost):  # Join carries no session: the identity is refused
+                raise NotRecognised(str(err)) from e
             raise err from e
         return Session(
             token=reply.session_token,

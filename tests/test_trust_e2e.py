@@ -46,7 +46,7 @@ from fedge.common.signing import sign_result
 from fedge.server.enrollment_service import EnrollmentService, start_enrollment_server
 from fedge.server.rate_limit import RateLimiter
 from fedge.server.store import DeviceStatus, ResultStatus
-from fedge.server.tls import ensure_server_tls, server_credentials
+from fedge.server.tls import ensure_server_tls, server_credentials, sign_csr
 from fedge.server.tokens import TokenBook
 from fedge.v1 import coordinator_pb2 as pb
 from fedge.v1 import coordinator_pb2_grpc as pb_grpc
@@ -616,3 +616,34 @@ async def test_enrolled_runtime_joins_by_certificate_and_stops_when_revoked(trus
     assert session.device_id == creds.device_id and session.node_id == creds.node_id
     t.h.store.set_device_status(creds.device_id, DeviceStatus.REVOKED)
     assert await asyncio.wait_for(run, 20) == EXIT_REVOKED
+
+
+async def test_runtime_with_an_unrecognised_certificate_says_enroll_again(
+    trust: Trust, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Our CA's certificate that no enrolled device holds: the runtime asks for a re-enrollment."""
+    from fedge.client.edge_runtime import EXIT_OK, EdgeDevice
+
+    t = trust
+    creds = await t.enroll("stray")
+    # the same key and device id, a certificate the coordinator never recorded (as after a
+    # registry restored from a backup older than the enrollment)
+    key = serialization.load_pem_private_key(creds.key_path.read_bytes(), password=None)
+    stray = sign_csr(csr_pem(key), ensure_server_tls(t.tmp / "coord"), device_id=creds.device_id)
+    creds.cert_path.write_bytes(stray)
+    device = EdgeDevice("", t.tmp / "stray", credentials=creds, name="stray",
+                        poll_wait_s=0.3, max_backoff=0.5)
+    caplog.set_level(logging.INFO, logger="fedge.client.edge_runtime")
+    run = asyncio.create_task(device.run())
+    try:
+        for _ in range(200):
+            if sum("enroll it again" in r.getMessage() for r in caplog.records) >= 2:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        device.stop()
+    assert await asyncio.wait_for(run, 20) == EXIT_OK  # it kept trying, then stopped when told
+    said = [r for r in caplog.records if "enroll it again" in r.getMessage()]
+    assert len(said) >= 2 and said[0].levelno == logging.WARNING  # warned once, then retried
+    assert said[1].levelno == logging.INFO
+    assert device.joins == 0
