@@ -22,11 +22,9 @@ mutual TLS and to sign results (`fedge.common.signing.sign_result`).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedge.common.atomic_file import atomic_write
 from fedge.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 IDENTITY_DIR = "identity"
@@ -239,11 +238,11 @@ def openssh_public_key(key: ec.EllipticCurvePublicKey) -> bytes:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret atomically with mode 0600 from creation (umask can only narrow it)."""
-    _atomic_create(path, data, 0o600)
+    atomic_write(path, data, 0o600, umask_narrows=True)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    _atomic_create(path, data, 0o644)
+    atomic_write(path, data, 0o644, umask_narrows=True)
 
 
 def split_host_port(target: str) -> tuple[str, int]:
@@ -289,25 +288,3 @@ def _check_reply(
     if not reply.device_id or cns != [reply.device_id] or not 0 < reply.device_port < 65536:
         raise EnrollError("bad_reply", "the certificate or port does not match the reply")
     return cert
-
-
-def _atomic_create(path: Path, data: bytes, mode: int) -> None:
-    """Like `fedge.common.atomic_file.atomic_write`, but the file is created with `mode`
-    and never chmod-ed afterwards: a key is never, even briefly, under other permissions."""
-    tmp = path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
