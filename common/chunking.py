@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from fedge.common.errors import ReasonError
+
 DEFAULT_CHUNK_SIZE = 1 << 20
 """1 MiB: a quarter of gRPC's default message limit, and small for a device's memory."""
 
@@ -29,7 +31,7 @@ _READ_BLOCK = 1 << 20
 Buffer = bytes | bytearray | memoryview
 
 
-class ChunkError(ValueError):
+class ChunkError(ReasonError, ValueError):
     """A chunked transfer broke a rule.
 
     `reason` is a short stable code: "bad_header", "bad_chunk_size", "over_cap",
@@ -37,10 +39,7 @@ class ChunkError(ValueError):
     "incomplete", "hash_mismatch". `detail` says what exactly disagreed.
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"chunk error ({reason}): {detail}" if detail else reason)
+    what = "chunk error"
 
 
 STATUS_BY_REASON: dict[str, str] = {

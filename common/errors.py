@@ -6,12 +6,32 @@ coordinator can drop a bad reply, record why, and carry on.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+
+class ReasonError(Exception):
+    """An error with a stable `reason` code and a human `detail`.
+
+    `reason` is what metrics, audit and status tables key on; `detail` is for
+    the person reading the message. Every refusal in fedge has this shape, so
+    it has one constructor and one message format: ``"<what> (<reason>): <detail>"``
+    (without ``": <detail>"`` when there is none). Subclasses set `what`.
+    """
+
+    what: ClassVar[str] = "refused"
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        suffix = f": {detail}" if detail else ""
+        super().__init__(f"{self.what} ({reason}){suffix}")
+
 
 class CodecSpecError(ValueError):
     """A codec spec string is malformed; the message names the bad part."""
 
 
-class UpdateRejected(ValueError):
+class UpdateRejected(ReasonError, ValueError):
     """An update (or any tensor payload) failed validation.
 
     `reason` is a short stable code for metrics and audit ("malformed",
@@ -20,7 +40,4 @@ class UpdateRejected(ValueError):
     what exactly disagreed.
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"update rejected ({reason}): {detail}" if detail else reason)
+    what = "update rejected"

@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 
 from fedge.common import quantize as qz
 from fedge.common.codec_spec import MAX_BLOCK, CodecSpec
-from fedge.common.errors import UpdateRejected
+from fedge.common.errors import ReasonError, UpdateRejected
 from fedge.common.snapshot import tensors_version
 from fedge.common.tensor_codec import WIRE_TO_NUMPY, fill_encoded
 from fedge.common.update_codec import DEFAULT_MAX_ELEMENTS, decode_tensors
@@ -73,7 +73,7 @@ K_HASH = "content-sha256"
 _HASH_DOMAIN = b"fedge.export.v1\x00"
 
 
-class ModelFileError(ValueError):
+class ModelFileError(ReasonError, ValueError):
     """A model file is refused; `reason` is a stable code, `detail` says what disagreed.
 
     Reasons: `too_large`, `unreadable`, `malformed`, `hash_mismatch`,
@@ -81,10 +81,7 @@ class ModelFileError(ValueError):
     codec's own (`bad_length`, `bad_scales`, `non_finite`, ...) for bad tensors.
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"model file refused ({reason}): {detail}" if detail else reason)
+    what = "model file refused"
 
 
 @dataclass

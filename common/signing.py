@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from fedge.common.errors import ReasonError
+
 DOMAIN_TAG = b"fedge.v1.result-signature\x00"
 MAX_TASK_ID_BYTES = 1024
 MAX_SIGNATURE_BYTES = 80
@@ -40,16 +42,13 @@ MAX_SIGNATURE_BYTES = 80
 PublicKeyLike = ec.EllipticCurvePublicKey | x509.Certificate | bytes
 
 
-class SignatureInvalid(ValueError):
+class SignatureInvalid(ReasonError, ValueError):
     """A result signature is missing, malformed, or does not verify for the given fields.
 
     `reason` is a stable code: "missing", "malformed", "bad_key", "mismatch".
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"signature invalid ({reason}): {detail}" if detail else reason)
+    what = "signature invalid"
 
 
 def signing_message(run_id: int, round: int, task_id: str, payload_sha256: bytes | str) -> bytes:

@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from fedge.common.errors import ReasonError
 from fedge.server.audit import audit
 from fedge.server.store import Device, DeviceStatus, Store
 
@@ -33,13 +34,14 @@ PEER_CERT_KEY = "x509_pem_cert"
 """Where gRPC's auth context holds the peer's certificate (PEM) under mutual TLS."""
 
 
-class IdentityRefused(Exception):
+class IdentityRefused(ReasonError):
     """The caller is not an enrolled, active device; `code` is the gRPC status to answer."""
+
+    what = "device refused"
 
     def __init__(self, code: grpc.StatusCode, reason: str) -> None:
         self.code = code
-        self.reason = reason
-        super().__init__(f"device refused ({reason})")
+        super().__init__(reason)
 
     @property
     def public_message(self) -> str:

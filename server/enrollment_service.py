@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError
 
+from fedge.common.errors import ReasonError
 from fedge.server.audit import audit
 from fedge.server.rate_limit import RateLimiter, source_of
 from fedge.server.store import Store, StoreError
@@ -59,13 +60,10 @@ MAX_REQUEST_BYTES = 64 * 1024
 _REFUSED_TOKEN = "enrollment token refused"
 
 
-class EnrollmentRejected(ValueError):
+class EnrollmentRejected(ReasonError, ValueError):
     """An enrollment request is malformed; `reason` is a stable code, `detail` says what."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"enrollment rejected ({reason}): {detail}" if detail else reason)
+    what = "enrollment rejected"
 
 
 @dataclass(frozen=True)

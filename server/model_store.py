@@ -23,6 +23,7 @@ import numpy as np
 
 from fedge.common.atomic_file import atomic_write
 from fedge.common.chunking import is_sha256_hex, sha256_file
+from fedge.common.errors import ReasonError
 from fedge.common.snapshot import arrays_to_snapshot, snapshot_to_arrays
 
 __all__ = [
@@ -38,13 +39,10 @@ SUFFIX = ".pb"
 TEMP_PREFIX = ".tmp-"
 
 
-class ModelStoreError(Exception):
+class ModelStoreError(ReasonError):
     """A model version could not be read or written; `reason` is a stable code."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"model store ({reason}): {detail}" if detail else reason)
+    what = "model store"
 
 
 class ModelNotFound(ModelStoreError, KeyError):

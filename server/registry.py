@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.common.errors import UpdateRejected
+from fedge.common.errors import ReasonError, UpdateRejected
 from fedge.common.export import EXPORT_FORMATS, export_model
 from fedge.common.snapshot import parse_snapshot, snapshot_to_arrays
 from fedge.server.model_store import ModelStore, ModelStoreError
@@ -46,7 +46,7 @@ MIN_PREFIX = 4
 _HEX = re.compile(r"[0-9a-f]+")
 
 
-class RegistryError(Exception):
+class RegistryError(ReasonError):
     """A registry call cannot be honoured; `reason` is a stable code.
 
     Reasons: `not_found`, `ambiguous`, `bad_ref`, `no_current`, `no_previous`,
@@ -54,10 +54,7 @@ class RegistryError(Exception):
     `export_failed`.
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+    what = "model registry"
 
 
 class ModelStatus(StrEnum):

@@ -35,6 +35,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fedge.common.errors import ReasonError
 from fedge.server.round_metrics import RoundMetrics
 
 # Each entry is one schema version: its statements run in one transaction and
@@ -164,13 +165,10 @@ _U64 = 1 << 64
 _I64_MAX = (1 << 63) - 1
 
 
-class StoreError(Exception):
+class StoreError(ReasonError):
     """A store call could not be honoured; `reason` is a stable code."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"store ({reason}): {detail}" if detail else reason)
+    what = "store"
 
 
 class DeviceStatus(StrEnum):

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fedge.common.errors import ReasonError
 from fedge.server.store import EnrollmentToken, Store, StoreError
 
 TOKEN_PREFIX = "fdg1"
@@ -42,17 +43,18 @@ _DUMMY_HASH = "0" * 64
 REFUSAL_REASONS = ("malformed", "unknown", "wrong", "expired", "used_up", "revoked")
 
 
-class TokenRefused(Exception):
+class TokenRefused(ReasonError):
     """A token cannot enroll a device; `reason` is one of `REFUSAL_REASONS`.
 
-    The message never contains the token or its secret.
+    The detail is the token's public id (when known): the message never
+    contains the token or its secret.
     """
 
+    what = "enrollment token refused"
+
     def __init__(self, reason: str, token_id: str = "") -> None:
-        self.reason = reason
         self.token_id = token_id
-        suffix = f": {token_id}" if token_id else ""
-        super().__init__(f"enrollment token refused ({reason}){suffix}")
+        super().__init__(reason, token_id)
 
 
 @dataclass(frozen=True)
