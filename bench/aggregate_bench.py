@@ -61,9 +61,6 @@ the baseline and silently absorb the aggregation's allocations.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import json
 import logging
 import math
@@ -138,13 +135,6 @@ def _hwm() -> int | None:
     return None
 
 
-def _trim() -> None:
-    """Give freed heap back to the OS so the baseline is live memory only."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class _Poller(threading.Thread):
     """Samples RSS every `POLL_S` until stopped; keeps the maximum."""
 
@@ -181,6 +171,7 @@ def run_child(path: str, count: int, params: int, delivery: str) -> dict[str, An
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg
 
+    from fedge.common.alloc import release_memory
     from fedge.common.update_array import UPDATE_KEY, pack_update
     from fedge.common.update_codec import decode_update, encode_update
     from fedge.server.compressed_strategy import (
@@ -259,7 +250,7 @@ def run_child(path: str, count: int, params: int, delivery: str) -> dict[str, An
         build_s = 0.0
     poller = _Poller()
     poller.start()
-    _trim()
+    release_memory()  # freed heap goes back to the OS: the baseline is live memory only
     baseline = _rss()
     hwm_ok = _reset_hwm()
     poller.running.set()

@@ -24,8 +24,8 @@ from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 
+from fedge.client.app_ref import DEFAULT_APP_REF
 from fedge.client.device_state import DeviceFolder, OutboxEntry
-from fedge.client.edge_runtime import DEFAULT_APP_REF, release_memory
 from fedge.client.edge_session import Task
 from fedge.client.flower_compat import (
     ErrorCode,
@@ -35,6 +35,7 @@ from fedge.client.flower_compat import (
     message_from_bytes,
     message_to_bytes,
 )
+from fedge.common.alloc import release_memory
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-DEFAULT_APP = "fedge.client.client_app:app"
+from fedge.client.app_ref import DEFAULT_APP_REF
+
 MAX_CHUNK = 2 << 20  # fedge.common.chunking.MAX_CHUNK_SIZE, repeated to keep imports light
 
 client_app_cli = typer.Typer(
@@ -47,7 +48,7 @@ def run_command(
     num_partitions: int | None = typer.Option(
         None, "--num-partitions", min=1, help="Node config 'num-partitions'."
     ),
-    app: str = typer.Option(DEFAULT_APP, "--app", help="The ClientApp as module:attr; fedge's "
+    app: str = typer.Option(DEFAULT_APP_REF, "--app", help="The ClientApp as module:attr; fedge's "
                             "own runs with the compression mod, any other as is."),
     chunk_size: int | None = typer.Option(
         None, "--chunk-size", min=1, max=MAX_CHUNK,
@@ -95,7 +96,8 @@ def run_command(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from fedge.client.device_state import DeviceFolderError
-    from fedge.client.edge_runtime import EdgeDevice, limit_heap_growth
+    from fedge.client.edge_runtime import EdgeDevice
+    from fedge.common.alloc import limit_heap_growth
 
     limit_heap_growth()
     node_config: dict[str, int | str] = {"data-dir": str(data.expanduser().resolve())}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import logging
 import queue
 import threading
@@ -28,10 +27,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from fedge.client.app_ref import DEFAULT_APP_REF
 from fedge.client.backoff import Backoff, UniformSource
 from fedge.client.device_state import DeviceFolder, Identity, OutboxEntry
 from fedge.client.edge_session import (
@@ -47,13 +47,15 @@ from fedge.client.edge_session import (
     parse_target,
 )
 from fedge.client.uploader import Uploader
+from fedge.common.alloc import release_memory
 from fedge.common.chunking import DEFAULT_CHUNK_SIZE, check_chunk_size
 from fedge.v1 import coordinator_pb2 as pb
 
+if TYPE_CHECKING:  # at run time it is imported with the first task (Flower, torch)
+    from fedge.client.app_runner import AppRunner
+
 log = logging.getLogger(__name__)
 
-DEFAULT_APP_REF = "fedge.client.client_app:app"
-"""fedge's own ClientApp; the runtime runs it with the compression mod added."""
 FEDGE_CODECS = ("none", "fp16", "int8", "int4", "topk")
 EXIT_OK, EXIT_REVOKED = 0, 3
 
@@ -72,43 +74,13 @@ class TaskStats:
     outcome: str
 
 
-def limit_heap_growth(mmap_threshold: int = 256 << 10, arenas: int = 2) -> bool:
-    """Keep a device's heap from holding on to freed memory (glibc only; else a no-op).
+@dataclass(frozen=True)
+class _Wiring:
+    """What `run()` builds before the device serves: every step below runs inside it."""
 
-    By default glibc raises its mmap threshold after the first large free, so
-    later model-sized buffers land on the heap and are never returned to the
-    OS; pinning the threshold keeps them in their own mappings. Arenas are
-    capped because gRPC's and the worker's threads would each get one. fedge's
-    codec would otherwise raise the thresholds for encoding speed
-    (`fedge.common.alloc`); on a device memory comes first, so this also sets
-    `FEDGE_MALLOC_TUNING=0` unless the user chose. Measured on the CNN task:
-    about 15 MiB less at the first round's peak, 35 MiB less from round 2 on.
-    Returns whether the settings were applied. Call once, early.
-    """
-    import ctypes
-    import os
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    os.environ.setdefault("FEDGE_MALLOC_TUNING", "0")
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    ok = mallopt(m_mmap_threshold, int(mmap_threshold)) == 1
-    ok = mallopt(m_trim_threshold, int(mmap_threshold)) == 1 and ok
-    return mallopt(m_arena_max, int(arenas)) == 1 and ok
-
-
-def release_memory() -> None:
-    """After a task: collect cycles and hand freed heap back to the OS (glibc), so a
-    device waits for its next round with the memory it needs, not its training peak."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    identity: Identity
+    link: CoordinatorLink
+    uploader: Uploader
 
 
 @dataclass
@@ -208,9 +180,8 @@ class EdgeDevice:
         self.joins = 0
         self.identity: Identity | None = None
         self.session: Session | None = None
-        self._link: CoordinatorLink | None = None
-        self._uploader: Uploader | None = None
-        self._runner: Any = None  # app_runner.AppRunner, imported with the first task
+        self._wiring: _Wiring | None = None
+        self._runner: AppRunner | None = None  # imported with the first task
         self._worker = _Worker()
         self._state: tuple[int, str] = (pb.DEVICE_STATE_IDLE, "")
         self._cancelled: set[str] = set()
@@ -264,13 +235,14 @@ class EdgeDevice:
                 reconnect_backoff=(self.backoff.base, self.backoff.cap),
                 credentials=creds.channel_credentials() if creds is not None else None,
             )
-            self._link = CoordinatorLink(
+            link = CoordinatorLink(
                 channel, chunk_size=self.chunk_size, stall_timeout_s=self.stall_timeout_s
             )
-            self._uploader = Uploader(
-                self._link.stub, self._token, stall_timeout_s=self.stall_timeout_s,
+            uploader = Uploader(
+                link.stub, self._token, stall_timeout_s=self.stall_timeout_s,
                 signer=_result_signer(creds) if creds is not None else None,
             )
+            self._wiring = _Wiring(self.identity, link, uploader)
             log.info(
                 "device %s (%s) serving %s over %s", self.identity.device_id,
                 self.identity.name or "unnamed", self.target,
@@ -301,10 +273,20 @@ class EdgeDevice:
 
     # --------------------------------------------------------------- loop
 
-    def _token(self) -> str:
+    @property
+    def _wired(self) -> _Wiring:
+        if self._wiring is None:
+            raise RuntimeError("the device is not running: call run()")
+        return self._wiring
+
+    def _live_session(self) -> Session:
+        """The current session; none (lost, not joined yet) is a lost session."""
         if self.session is None:
             raise SessionLost("no session")
-        return self.session.token
+        return self.session
+
+    def _token(self) -> str:
+        return self._live_session().token
 
     async def _serve(self) -> int:
         lost_in_a_row = 0
@@ -314,7 +296,9 @@ class EdgeDevice:
                     await self._join(None)
                 await self._drain_outbox()
                 while True:
-                    task = await self._link.pull_task(self.session, self.poll_wait_s)
+                    task = await self._wired.link.pull_task(
+                        self._live_session(), self.poll_wait_s
+                    )
                     if self.backoff.failures:
                         log.info("coordinator reachable again")
                     self.backoff.reset()
@@ -361,16 +345,16 @@ class EdgeDevice:
         async with self._join_lock:
             if self.session is not None and self.session.token != stale_token:
                 return  # someone else joined meanwhile
-            ident = self.identity
-            session = await self._link.join(ident.device_id, self._device_info())
+            ident, link, uploader = self._wired.identity, self._wired.link, self._wired.uploader
+            session = await link.join(ident.device_id, self._device_info())
             self.joins += 1
             if (session.device_id, session.node_id) != (ident.device_id, ident.node_id):
                 ident.device_id, ident.node_id = session.device_id, session.node_id
                 self.folder.save_identity(ident)
             if self.chunk_size is None:
-                self._uploader.chunk_size = session.chunk_size or DEFAULT_CHUNK_SIZE
+                uploader.chunk_size = session.chunk_size or DEFAULT_CHUNK_SIZE
             else:
-                self._uploader.chunk_size = min(self.chunk_size, session.chunk_size or 1 << 30)
+                uploader.chunk_size = min(self.chunk_size, session.chunk_size or 1 << 30)
             self.session = session
             self._joined.set()
             log.info("joined as node %d (heartbeat every %.1f s)", session.node_id,
@@ -378,7 +362,7 @@ class EdgeDevice:
 
     def _device_info(self) -> DeviceInfo:
         fedge_app = self.client_app_ref == DEFAULT_APP_REF
-        return DeviceInfo(name=self.name or self.identity.name,
+        return DeviceInfo(name=self.name or self._wired.identity.name,
                           codecs=FEDGE_CODECS if fedge_app else ())
 
     async def _heartbeat_loop(self) -> None:
@@ -390,7 +374,7 @@ class EdgeDevice:
                 continue
             state, task_id = self._state
             try:
-                reply = await self._link.heartbeat(session, state, task_id)
+                reply = await self._wired.link.heartbeat(session, state, task_id)
             except SessionLost:
                 log.info("heartbeat: session lost; joining again")
                 try:
@@ -422,7 +406,7 @@ class EdgeDevice:
         self._state = (pb.DEVICE_STATE_WORKING, env.task_id)
         try:
             entry = await asyncio.wrap_future(
-                self._worker.submit(self._execute, task, self.session.node_id)
+                self._worker.submit(self._execute, task, self._live_session().node_id)
             )
         except Exception as e:
             log.error("task %s: dropped (%s)", env.task_id, e)
@@ -462,9 +446,10 @@ class EdgeDevice:
         the task's byte counts carry over to that later attempt.
         """
         progress = self._progress.setdefault(entry.task_id, _Progress(started=time.monotonic()))
-        if entry.size > (self.session.max_result_bytes or entry.size):
+        cap = self._live_session().max_result_bytes
+        if entry.size > (cap or entry.size):
             log.error("task %s: result of %d bytes is over the coordinator's cap of %d; dropped",
-                      entry.task_id, entry.size, self.session.max_result_bytes)
+                      entry.task_id, entry.size, cap)
             self._finish(entry, progress, "dropped: over the result cap", ())
             return
         self._state = (pb.DEVICE_STATE_UPLOADING, entry.task_id)
@@ -473,7 +458,7 @@ class EdgeDevice:
             progress.bytes_up += n
 
         try:
-            outcome = await self._uploader.push(entry, resume=resume, on_bytes=sent)
+            outcome = await self._wired.uploader.push(entry, resume=resume, on_bytes=sent)
         finally:
             self._state = (pb.DEVICE_STATE_IDLE, "")
         if outcome.status == "dropped":

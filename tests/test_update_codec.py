@@ -438,3 +438,18 @@ def test_malloc_tuning_is_idempotent_and_can_be_turned_off() -> None:
     on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     first, second = on.stdout.split()
     assert first == second and (first == "True" or not sys.platform.startswith("linux"))
+
+
+def test_device_memory_policy_turns_the_speed_policy_off() -> None:
+    code = (
+        "import os; from fedge.common.alloc import limit_heap_growth, release_memory, tune_malloc;"
+        "print(limit_heap_growth(), tune_malloc(), os.environ.get('FEDGE_MALLOC_TUNING', '-'));"
+        "release_memory()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FEDGE_MALLOC_TUNING"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    if sys.platform.startswith("linux"):
+        assert done.stdout.split() == ["True", "False", "0"]
+    else:
+        assert done.stdout.split() == ["False", "False", "-"]
