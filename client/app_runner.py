@@ -26,7 +26,7 @@ from flwr.app import Context, Message, RecordDict
 
 from fedge.client.app_ref import DEFAULT_APP_REF
 from fedge.client.device_state import DeviceFolder, OutboxEntry
-from fedge.client.edge_session import Task
+from fedge.client.edge_session import DeliveredTask
 from fedge.client.flower_compat import (
     ErrorCode,
     context_from_bytes,
@@ -134,7 +134,7 @@ class AppRunner:
         ctx.run_config = run_config
         return ctx
 
-    def run_task(self, task: Task, node_id: int) -> OutboxEntry:
+    def run_task(self, task: DeliveredTask, node_id: int) -> OutboxEntry:
         """Execute one task and put its reply in the outbox (blocking; a worker thread).
 
         `task.payload` is released once decoded, so the task's bytes are not

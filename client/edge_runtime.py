@@ -36,13 +36,13 @@ from fedge.client.backoff import Backoff, UniformSource
 from fedge.client.device_state import DeviceFolder, Identity, OutboxEntry
 from fedge.client.edge_session import (
     CoordinatorLink,
+    DeliveredTask,
     DeviceInfo,
     DeviceRevoked,
     LinkDown,
     NotRecognised,
     Session,
     SessionLost,
-    Task,
     open_channel,
     parse_target,
 )
@@ -398,7 +398,7 @@ class EdgeDevice:
 
     # -------------------------------------------------------------- tasks
 
-    async def _handle(self, task: Task) -> None:
+    async def _handle(self, task: DeliveredTask) -> None:
         env = task.envelope
         started = time.monotonic()
         log.info("task %s: %s, run %d, round %d, %d bytes", env.task_id, env.message_type,
@@ -422,7 +422,7 @@ class EdgeDevice:
         self._progress[env.task_id] = _Progress(started=started, bytes_down=task.bytes_down)
         await self._upload(entry, resume=False)
 
-    def _execute(self, task: Task, node_id: int) -> OutboxEntry:
+    def _execute(self, task: DeliveredTask, node_id: int) -> OutboxEntry:
         """Worker thread: import the app side on first use, then run the task."""
         if self._runner is None:
             from fedge.client.app_runner import AppRunner
@@ -482,7 +482,7 @@ class EdgeDevice:
             seconds, outcome,
         )
 
-    def _record(self, task: Task, bytes_up: int, seconds: float, outcome: str) -> None:
+    def _record(self, task: DeliveredTask, bytes_up: int, seconds: float, outcome: str) -> None:
         env = task.envelope
         self.completed.append(TaskStats(env.task_id, env.run_id, env.round, env.message_type,
                                         task.bytes_down, bytes_up, seconds, outcome))

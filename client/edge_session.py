@@ -143,7 +143,7 @@ class Session:
 
 
 @dataclass
-class Task:
+class DeliveredTask:
     """A downloaded, hash-verified task: its envelope and payload (a Flower Message)."""
 
     envelope: pb.TaskEnvelope
@@ -244,8 +244,9 @@ class CoordinatorLink:
             reply = await self.stub.Join(request, timeout=self.call_timeout_s)
         except grpc.aio.AioRpcError as e:
             err = translate(e)
-            if err is e:  # INVALID_ARGUMENT etc.: nothing the device can fix, retry slowly
-                raise LinkDown(f"Join refused: {e.code().name}: {e.details()}") from e
+            # not translated (INVALID_ARGUMENT etc.): nothing the device can fix, retry slowly
+            if isinstance(err, grpc.aio.AioRpcError):
+                raise LinkDown(f"Join refused: {err.code().name}: {err.details()}") from e
             if isinstance(err, SessionLost):  # Join carries no session: the identity is refused
                 raise NotRecognised(str(err)) from e
             raise err from e
@@ -270,7 +271,7 @@ class CoordinatorLink:
         except grpc.aio.AioRpcError as e:
             raise translate(e) from e
 
-    async def pull_task(self, session: Session, wait_s: float) -> Task | None:
+    async def pull_task(self, session: Session, wait_s: float) -> DeliveredTask | None:
         """The next task (or the rest of an interrupted one); None if none came in `wait_s`.
 
         A stream that breaks or ends early keeps what it held: the next call
@@ -290,7 +291,8 @@ class CoordinatorLink:
             return await self._receive(call, partial, wait_s)
         except grpc.aio.AioRpcError as e:
             if partial and e.code() == grpc.StatusCode.OUT_OF_RANGE:
-                return self._restart(partial, f"resume refused ({e.details()})")
+                self._restart(partial, f"resume refused ({e.details()})")
+                return None
             if partial and e.code() in (
                 grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -316,7 +318,7 @@ class CoordinatorLink:
 
     async def _receive(
         self, call: grpc.aio.UnaryStreamCall, partial: _Partial | None, wait_s: float
-    ) -> Task | None:
+    ) -> DeliveredTask | None:
         first = await self._read(call, wait_s + self.stall_timeout_s)
         if first is grpc.aio.EOF:
             if partial:
@@ -352,9 +354,12 @@ class CoordinatorLink:
         try:
             payload = partial.asm.finish()
         except ChunkError as e:
-            return self._restart(partial, str(e))
+            self._restart(partial, str(e))
+            return None
         self._partial = None
-        return Task(envelope=partial.envelope, payload=payload, bytes_down=partial.bytes_down)
+        return DeliveredTask(
+            envelope=partial.envelope, payload=payload, bytes_down=partial.bytes_down
+        )
 
     def _accept_header(self, header: pb.TaskEnvelope, partial: _Partial | None) -> _Partial | None:
         """Continue `partial` if the header resumes it, else start a new download."""
@@ -388,7 +393,7 @@ class CoordinatorLink:
         if partial.restarts >= 2:
             log.warning("task %s: %s, again; dropped", partial.envelope.task_id, why)
             self._partial = None
-            return None
+            return
         log.warning("task %s: %s; downloading it again", partial.envelope.task_id, why)
         env = partial.envelope
         self._partial = _Partial(

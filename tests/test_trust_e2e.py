@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 from enrollment_harness import FakeClock, csr_pem, key_pem, p256_key
 from google.protobuf.message import DecodeError
 
-from fedge.client.edge_session import CoordinatorLink, LinkDown, Task
+from fedge.client.edge_session import CoordinatorLink, DeliveredTask, LinkDown
 from fedge.client.enroll import DeviceCredentials, enroll
 from fedge.common.chunking import sha256_hex
 from fedge.common.signing import sign_result
@@ -562,7 +562,7 @@ class _FakeCall:
 
 
 async def test_fuzz_task_envelopes_in_the_runtime() -> None:
-    """Mutated TaskChunk bytes through the device's download path: Task, None or LinkDown."""
+    """Mutated TaskChunk bytes through the download path: DeliveredTask, None or LinkDown."""
     payload = bytes(range(256)) * 40
     env = pb.TaskEnvelope(task_id="ab" * 16, run_id=7, round=3, message_type="train",
                           total_size=len(payload), sha256=sha256_hex(payload),
@@ -588,8 +588,8 @@ async def test_fuzz_task_envelopes_in_the_runtime() -> None:
         link._partial = None
         try:
             got = await link._receive(_FakeCall(msgs), None, 0.0)
-            key = "task" if isinstance(got, Task) else "none"
-            if isinstance(got, Task):
+            key = "task" if isinstance(got, DeliveredTask) else "none"
+            if isinstance(got, DeliveredTask):
                 assert sha256_hex(bytes(got.payload)) == got.envelope.sha256
         except LinkDown:
             key = "link_down"
