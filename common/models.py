@@ -7,7 +7,7 @@ is left exactly as it was (`torch.random.fork_rng`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -86,25 +86,3 @@ class CharLSTM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(self.embed(x.long()))
         return self.fc(out[:, -1])
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "digits-mlp": DigitsMLP,
-    "fedavg-cnn": FedAvgCNN,
-    "char-lstm": CharLSTM,
-}
-
-
-def build_model(name: str, seed: int = 0) -> nn.Module:
-    """Build a model of the zoo by name (`digits-mlp`, `fedavg-cnn`) with seeded init."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        known = ", ".join(sorted(MODELS))
-        raise ValueError(f"unknown model {name!r}; known models: {known}") from None
-    return factory(seed=seed)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable scalars: what the uplink carries each round at fp32."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -23,7 +23,6 @@ bytes. Shared by devices (sign) and the coordinator (verify).
 
 from __future__ import annotations
 
-import hashlib
 import struct
 
 from cryptography import x509
@@ -132,11 +131,6 @@ def public_key(obj: PublicKeyLike) -> ec.EllipticCurvePublicKey:
         raise SignatureInvalid("bad_key", "device keys are EC P-256")
     _require_p256(obj.curve)
     return obj
-
-
-def sha256_bytes(payload: bytes | bytearray | memoryview) -> bytes:
-    """SHA-256 of a payload, raw; convenience for callers holding the bytes."""
-    return hashlib.sha256(payload).digest()
 
 
 def _digest_bytes(value: bytes | str) -> bytes:

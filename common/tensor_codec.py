@@ -245,18 +245,6 @@ def fill_encoded(
     return res.reshape(a.shape)
 
 
-def encode_tensor(
-    name: str,
-    array: np.ndarray,
-    spec: CodecSpec,
-    residual: np.ndarray | None = None,
-    rng: np.random.Generator | None = None,
-) -> tuple[tensor_pb2.EncodedTensor, np.ndarray | None]:
-    """A standalone `EncodedTensor` and the new residual (see `fill_encoded`)."""
-    msg = tensor_pb2.EncodedTensor()
-    return msg, fill_encoded(msg, name, array, spec, residual, rng)
-
-
 # ---------------------------------------------------------------- decoding
 
 

@@ -313,10 +313,6 @@ class DownlinkCompressor:
             if not held:  # a stock client, or a device that lost its state: plain model
                 self.plain_only.add(node)
 
-    def memory_bytes(self) -> int:
-        """Bytes of the anchors held: the downlink's memory cost on the server."""
-        return sum(a.nbytes for anchor in self.anchors.values() for a in anchor.arrays.values())
-
 
 def downlink_from_config(
     run_config: Mapping[str, Any], *, run_id: str = ""

@@ -35,7 +35,6 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from google.protobuf.message import DecodeError
 
 from fedge.common.errors import ReasonError
 from fedge.server.audit import audit
@@ -73,16 +72,6 @@ class ValidEnrollment:
     token: str = field(repr=False)
     csr_pem: bytes = field(repr=False)
     name: str = ""
-
-
-def parse_enroll_request(data: bytes) -> enrollment_pb2.EnrollRequest:
-    """Protobuf bytes to a request; raises `EnrollmentRejected("malformed")` only."""
-    request = enrollment_pb2.EnrollRequest()
-    try:
-        request.ParseFromString(data)
-    except (DecodeError, ValueError, TypeError) as e:
-        raise EnrollmentRejected("malformed", f"not an EnrollRequest: {e}") from None
-    return request
 
 
 def validate_enroll_request(request: enrollment_pb2.EnrollRequest) -> ValidEnrollment:
@@ -148,15 +137,13 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self._validity = cert_validity
         self._ca_pem = tls_paths.ca_cert.read_bytes()
         self.device_port = device_port
-        self.rate_limited = 0
-        """Attempts the rate limiter refused (counted, not audited: a flood would flood the log)."""
 
     async def Enroll(
         self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> enrollment_pb2.EnrollReply:
         source = source_of(context.peer())
         if not self._limiter.allow(source):
-            self.rate_limited += 1
+            # logged at debug, not audited: a flood would flood the audit log
             log.debug("enrollment attempt over the rate limit from %s", source)
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "too many enrollment attempts; retry later"

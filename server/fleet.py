@@ -188,11 +188,6 @@ class Fleet:
                 self._by_device[device_id].touched = False
             return out
 
-    @property
-    def session_count(self) -> int:
-        with self.lock:
-            return len(self._by_token)
-
     # --------------------------------------------------------------- tasks
 
     def add_task(self, task: TaskPayload) -> None:

@@ -16,24 +16,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Mapping
 from pathlib import Path
-
-import numpy as np
 
 from fedge.common.atomic_file import atomic_write
 from fedge.common.chunking import is_sha256_hex, sha256_file
 from fedge.common.errors import ReasonError
-from fedge.common.snapshot import arrays_to_snapshot, snapshot_to_arrays
 
-__all__ = [
-    "ModelCorrupt",
-    "ModelNotFound",
-    "ModelStore",
-    "ModelStoreError",
-    "arrays_to_snapshot",
-    "snapshot_to_arrays",
-]
+__all__ = ["ModelCorrupt", "ModelNotFound", "ModelStore", "ModelStoreError"]
 
 SUFFIX = ".pb"
 TEMP_PREFIX = ".tmp-"
@@ -83,13 +72,6 @@ class ModelStore:
         atomic_write(target, snapshot_bytes, 0o644, prefix=TEMP_PREFIX)
         return version
 
-    def put_arrays(
-        self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
-    ) -> str:
-        """Shortcut: store `arrays_to_snapshot(arrays, metadata)` and return its version."""
-        snap = arrays_to_snapshot(arrays, metadata)
-        return self.put(snap.SerializeToString(deterministic=True))
-
     def get(self, version: str) -> bytes:
         """The snapshot bytes of `version`, verified against the hash (ModelCorrupt if not)."""
         path = self.path(version)
@@ -102,10 +84,6 @@ class ModelStore:
             raise ModelCorrupt(version, actual)
         return data
 
-    def get_arrays(self, version: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """Shortcut: `snapshot_to_arrays(self.get(version))`."""
-        return snapshot_to_arrays(self.get(version))
-
     def verify(self, version: str) -> None:
         """Re-hash the file without loading it whole; ModelNotFound / ModelCorrupt on failure."""
         path = self.path(version)
@@ -115,10 +93,6 @@ class ModelStore:
             raise ModelNotFound(version) from None
         if actual != version:
             raise ModelCorrupt(version, actual)
-
-    def has(self, version: str) -> bool:
-        """True if a file for `version` exists (not verified; `get` verifies)."""
-        return is_sha256_hex(version) and self.path(version).is_file()
 
     def list(self) -> list[str]:
         """Stored versions, oldest file first (lineage and `current` are in SQLite)."""

@@ -15,7 +15,6 @@ from fedge.common.signing import (
     DOMAIN_TAG,
     SignatureInvalid,
     public_key,
-    sha256_bytes,
     sign_result,
     signing_message,
     verify_result,
@@ -65,9 +64,8 @@ def test_valid_signature_verifies_with_key_cert_or_pem(key, signature) -> None:
     ):
         verify_result(form, signature, **FIELDS)
     # the digest as raw bytes is the same message as its hex
-    verify_result(
-        key.public_key(), signature, **{**FIELDS, "payload_sha256": sha256_bytes(PAYLOAD)}
-    )
+    raw = hashlib.sha256(PAYLOAD).digest()
+    verify_result(key.public_key(), signature, **{**FIELDS, "payload_sha256": raw})
     assert len(signature) <= 72
 
 
