@@ -72,7 +72,7 @@ def load_client_app(ref: str) -> ClientCallable:
     return obj
 
 
-def parse_run_config(text: str) -> dict[str, Scalar]:
+def run_config_from_json(text: str) -> dict[str, Scalar]:
     """Flower's run_config from the envelope's JSON object; non-scalar values are skipped."""
     if not text:
         return {}
@@ -148,7 +148,7 @@ class AppRunner:
         finally:
             task.payload = b""
         context = self.context(
-            int(envelope.run_id), node_id, parse_run_config(envelope.run_config_json)
+            int(envelope.run_id), node_id, run_config_from_json(envelope.run_config_json)
         )
         app = self._load()
         if app is None:
