@@ -17,9 +17,9 @@ from fedge.common.models import DigitsMLP
 from fedge.common.snapshot import arrays_to_snapshot
 from fedge.server import store as store_mod
 from fedge.server.model_store import ModelStore
-from fedge.server.registry import ModelStatus, Registry, RegistryError
+from fedge.server.registry import Registry, RegistryError
 from fedge.server.round_metrics import RoundMetrics
-from fedge.server.store import Store
+from fedge.server.store import ModelStatus, Store
 
 RUN_ID = (1 << 64) - 3  # Flower run ids are unsigned 64-bit
 
@@ -197,17 +197,6 @@ def test_damaged_model_file_is_reported(state: State) -> None:
     path.unlink()
     with pytest.raises(RegistryError, match="missing_file"):
         reg.snapshot(v[1])
-
-
-def test_register_an_imported_version(state: State) -> None:
-    arrays = model_to_arrays(DigitsMLP(seed=5))
-    snap = arrays_to_snapshot(arrays, {"task": "digits"})
-    version = state.models.put(snap.SerializeToString(deterministic=True))
-    record = state.registry.register(version, parent_version=state.versions[3])
-    assert record.created_by == "import" and record.run_id is None
-    assert record.status == ModelStatus.CANDIDATE
-    with pytest.raises(RegistryError, match="missing_file"):
-        state.registry.register("e" * 64)
 
 
 def test_migration_upgrades_an_existing_database(tmp_path: Path) -> None:
