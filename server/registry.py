@@ -24,9 +24,8 @@ import json
 import math
 import re
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +77,10 @@ class Registry:
         store: Store,
         models: ModelStore,
         *,
-        clock: Callable[[], float] = time.time,
         export_cache_bytes: int = DEFAULT_EXPORT_CACHE_BYTES,
     ) -> None:
         self.store = store
         self.models = models
-        self._clock = clock
         self._cache: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = export_cache_bytes

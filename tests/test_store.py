@@ -120,6 +120,7 @@ def test_devices_register_refresh_and_revoke(db: Store) -> None:
     assert db.get_device_by_node(a.node_id).id == a.id
     db.touch_devices([a.id, b.id], when=12345.0)
     assert db.get_device(b.id).last_seen == 12345.0
+    assert db.get_device_by_fingerprint("ff" * 32) is None  # no certificate bound yet
     assert [d.id for d in db.list_devices(DeviceStatus.ACTIVE)] == [b.id]
     with pytest.raises(StoreError):
         db.set_device_status("nobody", DeviceStatus.REVOKED)

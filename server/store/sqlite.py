@@ -64,10 +64,10 @@ class SqliteTables:
             f"SELECT * FROM {table} WHERE {where} ORDER BY {order}", *filters.values()
         )
 
-    def _select_one(self, table: str, **equal: Any) -> sqlite3.Row | None:
-        """The row of `table` with these key values, or None."""
-        rows = self._select(table, **equal)
-        return rows[0] if rows else None
+    def _select_one(self, table: str, **key: Any) -> sqlite3.Row | None:
+        """The row of `table` with these key values, or None (a None value matches nothing)."""
+        where = " AND ".join(f"{column}=?" for column in key)
+        return self._row(f"SELECT * FROM {table} WHERE {where}", *key.values())
 
     def _scalar(self, sql: str, *args: Any) -> Any:
         row = self._row(sql, *args)
