@@ -48,14 +48,6 @@ class TaskTables(SqliteTables):
     def get_task(self, task_id: str) -> DeviceTask | None:
         return _task.or_none(self._select_one("tasks", id=task_id))
 
-    def list_tasks(
-        self, run_id: int, round: int, state: TaskState | None = None
-    ) -> list[DeviceTask]:
-        rows = self._select(
-            "tasks", run_id=to_i64(run_id), round=round, state=state, order="created, id"
-        )
-        return [_task(r) for r in rows]
-
     def set_task_state(
         self, task_id: str, state: TaskState, *, only_from: Sequence[TaskState] | None = None
     ) -> bool:
@@ -68,6 +60,12 @@ class TaskTables(SqliteTables):
             args.extend(only_from)
         with self._tx() as c:
             return c.execute(sql, args).rowcount == 1
+
+    def list_tasks(
+        self, run_id: int, round: int, state: TaskState | None = None
+    ) -> list[DeviceTask]:
+        rows = self._of_round("tasks", run_id, round, "created, id", state=state)
+        return [_task(r) for r in rows]
 
     # -- results (uploads answering tasks) ----------------------------------
 
@@ -165,10 +163,14 @@ class TaskTables(SqliteTables):
     def list_results(
         self, run_id: int, round: int, status: ResultStatus | None = None
     ) -> list[Result]:
-        rows = self._select(
-            "results", run_id=to_i64(run_id), round=round, status=status, order="created, task_id"
-        )
+        rows = self._of_round("results", run_id, round, "created, task_id", status=status)
         return [_result(r) for r in rows]
+
+    def _of_round(
+        self, table: str, run_id: int, round: int, order: str, **equal: Any
+    ) -> list[sqlite3.Row]:
+        """A round's rows of `table` (tasks and results both carry run and round)."""
+        return self._select(table, order=order, run_id=to_i64(run_id), round=round, **equal)
 
 
 def expire_tasks(c: sqlite3.Connection, rid: int, round: int, now: float) -> None:
