@@ -274,3 +274,14 @@ def test_models_cli(state: State, tmp_path: Path) -> None:
         result = _cli(*args)
         assert result.exit_code == 1, (args, result.output)
         assert words in result.stderr and "Traceback" not in result.output
+
+
+def test_rollback_to_a_missing_file_changes_nothing(state: State) -> None:
+    reg, v = state.registry, state.versions
+    reg.promote(v[1])
+    reg.promote(v[2])
+    state.models.path(v[1]).unlink()
+    with pytest.raises(RegistryError, match="missing_file"):
+        reg.rollback(reason="try")
+    assert reg.current() == v[2]
+    assert [p.rolled_back for p in reg.history()] == [None, None]
