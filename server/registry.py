@@ -2,22 +2,20 @@
 
 Versions are the model store's content hashes; their lineage rows (run, round,
 parent, created) are written by `Store.complete_round`/`create_run`. The
-registry adds, in the same SQLite file (migration 3 in server/store.py):
+registry adds, through the store's model tables (server/store/model_versions.py):
 
 - central evaluation per version (`set_evaluation`, or `evaluate` on the
-  task's held-out set), who created it, and a status: `candidate` (never
-  promoted), `rejected` (the continuous-mode gate refused it, reason kept),
-  `retired` (was current once), `current`;
+  task's held-out set) and a status: `candidate` (never promoted), `rejected`
+  (the continuous-mode gate refused it, reason kept), `retired` (was current
+  once), `current`;
 - a promotion history used as a stack: `promote` pushes, `rollback` marks the
   top as rolled back, so `current` is the newest promotion not rolled back and
   repeated rollbacks walk back through earlier currents. Promotions commit
   with `synchronous=FULL`, so `current` survives a crash or a power cut.
 
 Devices and the HTTP endpoint serve `current()`; exports of any version are
-built here (`export`) and cached, bounded by bytes.
-
-The registry's SQL lives here (run through the store's connection and lock),
-so server/store.py only carries the migration that creates its columns.
+built here (`export`) and cached, bounded by bytes. The registry holds no SQL:
+it resolves references, checks files and decides; the store keeps the rows.
 """
 
 from __future__ import annotations
@@ -26,11 +24,9 @@ import json
 import math
 import re
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from enum import StrEnum
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +35,7 @@ from fedge.common.errors import ReasonError, UpdateRejected
 from fedge.common.export import EXPORT_FORMATS, export_model
 from fedge.common.snapshot import parse_snapshot, snapshot_to_arrays
 from fedge.server.model_store import ModelStore, ModelStoreError
-from fedge.server.store import Store
+from fedge.server.store import ModelVersion, Promotion, Store, StoreError
 
 DEFAULT_EXPORT_CACHE_BYTES = 64 << 20
 MIN_PREFIX = 4
@@ -55,43 +51,6 @@ class RegistryError(ReasonError):
     """
 
     what = "model registry"
-
-
-class ModelStatus(StrEnum):
-    CURRENT = "current"  # what devices and the endpoint serve
-    CANDIDATE = "candidate"  # never promoted
-    REJECTED = "rejected"  # the gate refused it; `status_reason` says why
-    RETIRED = "retired"  # was current once
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    """One version as the registry shows it."""
-
-    version: str
-    run_id: int | None
-    round: int
-    parent_version: str | None
-    created: float
-    created_by: str
-    status: ModelStatus
-    status_reason: str | None
-    evaluation: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "status": str(self.status)}
-
-
-@dataclass(frozen=True)
-class Promotion:
-    """One entry of the promotion history (`rolled_back` is when it was undone, if it was)."""
-
-    id: int
-    version: str
-    at: float
-    reason: str
-    rolled_back: float | None
-    rollback_reason: str | None
 
 
 @dataclass(frozen=True)
@@ -115,12 +74,10 @@ class Registry:
         store: Store,
         models: ModelStore,
         *,
-        clock: Callable[[], float] = time.time,
         export_cache_bytes: int = DEFAULT_EXPORT_CACHE_BYTES,
     ) -> None:
         self.store = store
         self.models = models
-        self._clock = clock
         self._cache: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = export_cache_bytes
@@ -131,10 +88,7 @@ class Registry:
 
     def current(self) -> str | None:
         """The version devices and the endpoint serve, or None before any promotion."""
-        row = self.store._row(
-            "SELECT version FROM promotions WHERE rolled_back IS NULL ORDER BY id DESC LIMIT 1"
-        )
-        return row["version"] if row else None
+        return self.store.current_model()
 
     def resolve(self, ref: str) -> str:
         """A full version from `current`, a full hash, or a unique prefix of 4+ hex digits."""
@@ -148,109 +102,49 @@ class Registry:
             raise RegistryError(
                 "bad_ref", f"{str(ref)[:80]!r}: give 'current' or {MIN_PREFIX}-64 hex digits"
             )
-        rows = self.store._rows(
-            "SELECT version FROM models WHERE version >= ? AND version < ?"
-            " ORDER BY version LIMIT 2",
-            text,
-            text + "g",  # every hex string starting with `text` sorts below text + "g"
-        )
-        if not rows:
+        versions = self.store.model_versions_starting(text, limit=2)
+        if not versions:
             raise RegistryError("not_found", f"no model version {text}")
-        if len(rows) > 1:
+        if len(versions) > 1:
             raise RegistryError("ambiguous", f"{text} matches several versions; give more digits")
-        return rows[0]["version"]
+        return versions[0]
 
-    def get(self, ref: str) -> ModelRecord:
+    def get(self, ref: str) -> ModelVersion:
         """The record of one version (`current`, full hash or unique prefix)."""
         version = self.resolve(ref)
-        row = self.store._row("SELECT * FROM models WHERE version=?", version)
-        assert row is not None
-        return self._record(row, self.current())
+        model = self.store.get_model(version)
+        if model is None:
+            raise RegistryError("not_found", f"no model version {version}")
+        return model
 
-    def list_models(self, run_id: int | None = None) -> list[ModelRecord]:
+    def list_models(self, run_id: int | None = None) -> list[ModelVersion]:
         """Every version (of one run if given), oldest first."""
-        cur = self.current()
-        if run_id is None:
-            rows = self.store._rows("SELECT * FROM models ORDER BY created, rowid")
-        else:
-            rows = self.store._rows(
-                "SELECT * FROM models WHERE run_id=? ORDER BY round, rowid", _i64(run_id)
-            )
-        return [self._record(r, cur) for r in rows]
+        return self.store.list_models(run_id)
 
-    def lineage(self, ref: str, *, limit: int = 1000) -> list[ModelRecord]:
+    def lineage(self, ref: str, *, limit: int = 1000) -> list[ModelVersion]:
         """The version, its parent, the parent's parent ... as far as the table knows."""
-        out: list[ModelRecord] = []
+        out: list[ModelVersion] = []
         seen: set[str] = set()
         version: str | None = self.resolve(ref)
-        cur = self.current()
         while version and version not in seen and len(out) < limit:
             seen.add(version)
-            row = self.store._row("SELECT * FROM models WHERE version=?", version)
-            if row is None:
+            model = self.store.get_model(version)
+            if model is None:
                 break
-            out.append(self._record(row, cur))
-            version = row["parent_version"]
+            out.append(model)
+            version = model.parent_version
         return out
 
     def history(self) -> list[Promotion]:
         """Every promotion, oldest first, with its rollback if any."""
-        rows = self.store._rows("SELECT * FROM promotions ORDER BY id")
-        return [
-            Promotion(
-                id=r["id"],
-                version=r["version"],
-                at=r["at"],
-                reason=r["reason"],
-                rolled_back=r["rolled_back"],
-                rollback_reason=r["rollback_reason"],
-            )
-            for r in rows
-        ]
+        return self.store.list_promotions()
 
     # ------------------------------------------------------------ writing
-
-    def register(
-        self,
-        version: str,
-        *,
-        run_id: int | None = None,
-        round: int = 0,
-        parent_version: str | None = None,
-        created_by: str = "import",
-    ) -> ModelRecord:
-        """Add a version that did not come from a round (its file must be in the model store).
-
-        Versions from rounds are already recorded by `Store.complete_round`;
-        registering one of those again changes nothing.
-        """
-        self._verify_file(version)
-        with self.store._tx() as c:
-            c.execute(
-                "INSERT INTO models (version, run_id, round, parent_version, created, created_by)"
-                " VALUES (?,?,?,?,?,?) ON CONFLICT (version) DO NOTHING",
-                (
-                    version,
-                    None if run_id is None else _i64(run_id),
-                    int(round),
-                    parent_version,
-                    self._clock(),
-                    created_by,
-                ),
-            )
-        return self.get(version)
 
     def set_evaluation(self, ref: str, evaluation: Mapping[str, float]) -> None:
         """Record a version's central evaluation (finite numbers; merged into what is there)."""
         version = self.resolve(ref)
-        clean = _finite(evaluation)
-        with self.store._tx() as c:
-            row = c.execute("SELECT evaluation FROM models WHERE version=?", (version,)).fetchone()
-            merged = {**json.loads(row["evaluation"] or "{}"), **clean}
-            c.execute(
-                "UPDATE models SET evaluation=? WHERE version=?",
-                (json.dumps(merged, sort_keys=True), version),
-            )
+        self.store.set_model_evaluation(version, _finite(evaluation))
         self._forget_exports(version)
 
     def evaluate(
@@ -273,60 +167,34 @@ class Registry:
         self.set_evaluation(version, figures)
         return figures
 
-    def promote(self, ref: str, *, reason: str = "") -> ModelRecord:
+    def promote(self, ref: str, *, reason: str = "") -> ModelVersion:
         """Make a version current (durably); promoting the current version changes nothing."""
         version = self.resolve(ref)
         self._verify_file(version)
-        now = self._clock()
-        with self.store._tx(durable=True) as c:
-            top = c.execute(
-                "SELECT version FROM promotions WHERE rolled_back IS NULL ORDER BY id DESC LIMIT 1"
-            ).fetchone()
-            if top is None or top["version"] != version:
-                c.execute(
-                    "INSERT INTO promotions (version, at, reason) VALUES (?,?,?)",
-                    (version, now, reason),
-                )
-                c.execute(
-                    "UPDATE models SET status='promoted', status_reason=? WHERE version=?",
-                    (reason or None, version),
-                )
+        self.store.promote_model(version, reason=reason)
         return self.get(version)
 
-    def rollback(self, *, reason: str = "") -> ModelRecord:
+    def rollback(self, *, reason: str = "") -> ModelVersion:
         """Undo the latest promotion: the current before it becomes current again."""
-        now = self._clock()
-        with self.store._tx(durable=True) as c:
-            rows = c.execute(
-                "SELECT id, version FROM promotions WHERE rolled_back IS NULL"
-                " ORDER BY id DESC LIMIT 2"
-            ).fetchall()
-            if not rows:
-                raise RegistryError("no_current", "nothing has been promoted")
-            if len(rows) < 2:
-                only = rows[0]["version"]
-                raise RegistryError("no_previous", f"{only} is the only current so far")
-            target = rows[1]["version"]
+
+        def file_present(target: str) -> None:
             try:
                 self.models.verify(target)
             except ModelStoreError as e:
                 raise RegistryError("missing_file", f"cannot roll back to {target}: {e}") from None
-            c.execute(
-                "UPDATE promotions SET rolled_back=?, rollback_reason=? WHERE id=?",
-                (now, reason, rows[0]["id"]),
-            )
+
+        try:
+            target = self.store.roll_back_promotion(reason=reason, check_target=file_present)
+        except StoreError as e:
+            raise RegistryError(e.reason, e.detail) from None
         return self.get(target)
 
-    def reject(self, ref: str, reason: str) -> ModelRecord:
+    def reject(self, ref: str, reason: str) -> ModelVersion:
         """Mark a version rejected (it stays a candidate that is never served), with why."""
         version = self.resolve(ref)
         if version == self.current():
             raise RegistryError("bad_ref", f"{version} is current: roll back first")
-        with self.store._tx() as c:
-            c.execute(
-                "UPDATE models SET status='rejected', status_reason=? WHERE version=?",
-                (reason, version),
-            )
+        self.store.reject_model(version, reason)
         return self.get(version)
 
     def gate(
@@ -434,7 +302,7 @@ class Registry:
         self._remember(key, data)
         return data
 
-    def _export(self, record: ModelRecord, arrays: Any, task: Any, fmt: str) -> bytes:
+    def _export(self, record: ModelVersion, arrays: Any, task: Any, fmt: str) -> bytes:
         return export_model(
             arrays,
             fmt=fmt,
@@ -453,34 +321,10 @@ class Registry:
 
     # ------------------------------------------------------------ plumbing
 
-    def _record(self, row: Any, current: str | None) -> ModelRecord:
-        stored = row["status"]
-        if row["version"] == current:
-            status = ModelStatus.CURRENT
-        elif stored == "rejected":
-            status = ModelStatus.REJECTED
-        elif stored == "promoted":
-            status = ModelStatus.RETIRED
-        else:
-            status = ModelStatus.CANDIDATE
-        return ModelRecord(
-            version=row["version"],
-            run_id=None if row["run_id"] is None else _u64(row["run_id"]),
-            round=row["round"],
-            parent_version=row["parent_version"],
-            created=row["created"],
-            created_by=row["created_by"],
-            status=status,
-            status_reason=row["status_reason"],
-            evaluation=json.loads(row["evaluation"] or "{}"),
-        )
-
     def _run_config(self, version: str) -> dict[str, Any]:
-        row = self.store._row("SELECT run_id FROM models WHERE version=?", version)
-        if row is None or row["run_id"] is None:
-            return {}
-        run = self.store._row("SELECT config FROM runs WHERE id=?", row["run_id"])
-        return json.loads(run["config"]) if run else {}
+        model = self.store.get_model(version)
+        run = None if model is None or model.run_id is None else self.store.get_run(model.run_id)
+        return run.config if run else {}
 
     def _verify_file(self, version: str) -> None:
         try:
@@ -516,12 +360,3 @@ def _finite(values: Mapping[str, Any]) -> dict[str, float]:
         if math.isfinite(f):
             out[str(k)] = f
     return out
-
-
-def _u64(value: int) -> int:
-    return value + (1 << 64) if value < 0 else value
-
-
-def _i64(value: int) -> int:
-    """Flower's unsigned 64-bit run id as SQLite's signed integer (as the store keeps it)."""
-    return value - (1 << 64) if value >= 1 << 63 else value

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedge.common.errors import ReasonError
-from fedge.server.store import EnrollmentToken, Store, StoreError
+from fedge.server.store import Store, StoreError
 
 TOKEN_PREFIX = "fdg1"
 DEFAULT_TTL_S = 24 * 3600.0
@@ -78,7 +78,7 @@ class CheckedToken:
 
 
 class TokenBook:
-    """Creates, checks, lists and revokes enrollment tokens in the coordinator's store."""
+    """Creates, checks and revokes enrollment tokens in the coordinator's store."""
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
         self._store = store
@@ -126,9 +126,6 @@ class TokenBook:
         if row.uses >= row.max_uses:
             raise TokenRefused("used_up", token_id)
         return CheckedToken(id=row.id, secret_hash=row.secret_hash, label=row.label)
-
-    def list_tokens(self) -> list[EnrollmentToken]:
-        return self._store.list_enrollment_tokens()
 
     def revoke(self, token_id: str) -> None:
         """Stop a token from enrolling anyone else; raises `KeyError` for an unknown id."""

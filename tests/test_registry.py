@@ -17,9 +17,9 @@ from fedge.common.models import DigitsMLP
 from fedge.common.snapshot import arrays_to_snapshot
 from fedge.server import store as store_mod
 from fedge.server.model_store import ModelStore
-from fedge.server.registry import ModelStatus, Registry, RegistryError
+from fedge.server.registry import Registry, RegistryError
 from fedge.server.round_metrics import RoundMetrics
-from fedge.server.store import Store
+from fedge.server.store import ModelStatus, Store
 
 RUN_ID = (1 << 64) - 3  # Flower run ids are unsigned 64-bit
 
@@ -199,17 +199,6 @@ def test_damaged_model_file_is_reported(state: State) -> None:
         reg.snapshot(v[1])
 
 
-def test_register_an_imported_version(state: State) -> None:
-    arrays = model_to_arrays(DigitsMLP(seed=5))
-    snap = arrays_to_snapshot(arrays, {"task": "digits"})
-    version = state.models.put(snap.SerializeToString(deterministic=True))
-    record = state.registry.register(version, parent_version=state.versions[3])
-    assert record.created_by == "import" and record.run_id is None
-    assert record.status == ModelStatus.CANDIDATE
-    with pytest.raises(RegistryError, match="missing_file"):
-        state.registry.register("e" * 64)
-
-
 def test_migration_upgrades_an_existing_database(tmp_path: Path) -> None:
     """A database from before the registry gets its columns; old rows default to candidate."""
     path = tmp_path / "old.db"
@@ -285,3 +274,14 @@ def test_models_cli(state: State, tmp_path: Path) -> None:
         result = _cli(*args)
         assert result.exit_code == 1, (args, result.output)
         assert words in result.stderr and "Traceback" not in result.output
+
+
+def test_rollback_to_a_missing_file_changes_nothing(state: State) -> None:
+    reg, v = state.registry, state.versions
+    reg.promote(v[1])
+    reg.promote(v[2])
+    state.models.path(v[1]).unlink()
+    with pytest.raises(RegistryError, match="missing_file"):
+        reg.rollback(reason="try")
+    assert reg.current() == v[2]
+    assert [p.rolled_back for p in reg.history()] == [None, None]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from fedge.server import store as store_mod
 from fedge.server.round_metrics import RoundMetrics
 from fedge.server.store import (
     SCHEMA_VERSION,
@@ -20,6 +19,7 @@ from fedge.server.store import (
     StoreError,
     TaskState,
 )
+from fedge.server.store import schema as store_schema
 
 V0 = "0" * 64
 V1 = "1" * 64
@@ -72,9 +72,9 @@ def test_later_migration_applies_and_keeps_data(tmp_path: Path, monkeypatch) -> 
     with Store.open(path) as s:
         s.register_device("keep-me")
     monkeypatch.setattr(
-        store_mod,
+        store_schema,
         "MIGRATIONS",
-        [*store_mod.MIGRATIONS, ("ALTER TABLE devices ADD COLUMN label TEXT",)],
+        [*store_schema.MIGRATIONS, ("ALTER TABLE devices ADD COLUMN label TEXT",)],
     )
     with Store.open(path) as s:
         assert s.schema_version == SCHEMA_VERSION + 1
@@ -85,9 +85,9 @@ def test_failed_migration_changes_nothing(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "s.db"
     Store.open(path).close()
     monkeypatch.setattr(
-        store_mod,
+        store_schema,
         "MIGRATIONS",
-        [*store_mod.MIGRATIONS, ("CREATE TABLE half_done (x)", "THIS IS NOT SQL")],
+        [*store_schema.MIGRATIONS, ("CREATE TABLE half_done (x)", "THIS IS NOT SQL")],
     )
     with pytest.raises(sqlite3.OperationalError):
         Store.open(path)
@@ -120,8 +120,7 @@ def test_devices_register_refresh_and_revoke(db: Store) -> None:
     assert db.get_device_by_node(a.node_id).id == a.id
     db.touch_devices([a.id, b.id], when=12345.0)
     assert db.get_device(b.id).last_seen == 12345.0
-    db.set_device_cert(b.id, "ff" * 32)
-    assert db.get_device(b.id).cert_fingerprint == "ff" * 32
+    assert db.get_device_by_fingerprint("ff" * 32) is None  # no certificate bound yet
     assert [d.id for d in db.list_devices(DeviceStatus.ACTIVE)] == [b.id]
     with pytest.raises(StoreError):
         db.set_device_status("nobody", DeviceStatus.REVOKED)
