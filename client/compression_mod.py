@@ -33,20 +33,23 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
-from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.client.downlink_cache import is_downlink, with_downlink
+from fedge.client.flower_compat import ClientAppCallable, Mod
 from fedge.common.codec_spec import parse_codec
-from fedge.common.update_array import UPDATE_KEY, pack_update
+from fedge.common.contract import (
+    BASE_VERSION_KEY,
+    CODEC_KEY,
+    RESET_RESIDUAL_KEY,
+    RESIDUAL_STATE_KEY,
+    RUN_ID_KEY,
+    UPDATE_KEY,
+)
+from fedge.common.update_array import pack_update
 from fedge.common.update_codec import encode_update
 
 log = logging.getLogger(__name__)
 
-CODEC_KEY = "fedge.codec"
-BASE_VERSION_KEY = "fedge.base-version"
-RUN_ID_KEY = "fedge.run-id"
-RESIDUAL_STATE_KEY = "fedge.residual"
-RESET_RESIDUAL_KEY = "fedge.reset-residual"  # train config: start without the residual
 WEIGHT_KEY = "num-examples"
 
 

@@ -25,34 +25,32 @@ how the server learns what to send next.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 
+from fedge.client.flower_compat import ClientAppCallable, Mod
 from fedge.common.arrays import arrays_to_record
-from fedge.common.downlink import (
+from fedge.common.contract import (
+    ANCHOR_META_STATE_KEY,
+    ANCHOR_STATE_KEY,
     DOWNLINK_ANCHOR_KEY,
     DOWNLINK_ARRAY_KEY,
     DOWNLINK_CODEC_KEY,
+    DOWNLINK_HELD_KEY,
+    DOWNLINK_REPLY_KEY,
     DOWNLINK_TARGET_KEY,
-    REPLY_HELD_KEY,
-    REPLY_RECORD_KEY,
     ZERO_ANCHOR,
-    apply_model_delta,
-    model_version,
 )
+from fedge.common.downlink import apply_model_delta
 from fedge.common.errors import UpdateRejected
+from fedge.common.model_version import model_version
 
 log = logging.getLogger(__name__)
 
-ANCHOR_STATE_KEY = "fedge.downlink-anchor"
-META_STATE_KEY = "fedge.downlink"
+#: keys of the ConfigRecord kept at `ANCHOR_META_STATE_KEY`
 ANCHOR_VERSION = "anchor-version"
 MODEL_VERSION = "model-version"  # version of the model last rebuilt or received
-
-ClientAppCallable = Callable[[Message, Context], Message]
-Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
 
 class DownlinkError(RuntimeError):
@@ -86,14 +84,14 @@ def is_downlink(message: Message) -> bool:
 
 def held_version(context: Context) -> str:
     """Version of the anchor this device holds ("" when none)."""
-    meta = context.state.get(META_STATE_KEY)
+    meta = context.state.get(ANCHOR_META_STATE_KEY)
     if not isinstance(meta, ConfigRecord) or ANCHOR_STATE_KEY not in context.state:
         return ""
     return str(meta.get(ANCHOR_VERSION, ""))
 
 
 def _forget(context: Context) -> None:
-    for key in (ANCHOR_STATE_KEY, META_STATE_KEY):
+    for key in (ANCHOR_STATE_KEY, ANCHOR_META_STATE_KEY):
         if key in context.state:
             del context.state[key]
 
@@ -139,7 +137,7 @@ def receive(message: Message, context: Context) -> None:
             _forget(context)
             return
         context.state[ANCHOR_STATE_KEY] = record
-    context.state[META_STATE_KEY] = ConfigRecord(
+    context.state[ANCHOR_META_STATE_KEY] = ConfigRecord(
         {ANCHOR_VERSION: anchor_version, MODEL_VERSION: version}
     )
 
@@ -147,7 +145,7 @@ def receive(message: Message, context: Context) -> None:
 def tag_reply(reply: Message, context: Context) -> Message:
     """Tell the server which anchor this device holds (nothing on an error reply)."""
     if not reply.has_error():
-        reply.content[REPLY_RECORD_KEY] = ConfigRecord({REPLY_HELD_KEY: held_version(context)})
+        reply.content[DOWNLINK_REPLY_KEY] = ConfigRecord({DOWNLINK_HELD_KEY: held_version(context)})
     return reply
 
 

@@ -3,19 +3,18 @@
 Both ends call the same two functions on the same bytes, so the model a device
 rebuilds is bit for bit the one the server computed (docs/compression.md,
 "Compressed downlink"): `encode_model_delta` on the server and
-`apply_model_delta` on both. `model_version` names a model by its content; it
-is the same hash as the coordinator's `fedge.base-version`.
+`apply_model_delta` on both. Models are named by `fedge.common.model_version`,
+the same hash as the coordinator's `fedge.base-version`.
 
 Wire: a train message whose ArrayRecord holds the single uint8 array
-`fedge.downlink` (a serialized `fedge.v1.ModelUpdate`, `is_delta`, its
+`DOWNLINK_ARRAY_KEY` (a serialized `fedge.v1.ModelUpdate`, `is_delta`, its
 `base_model_version` the anchor's version) is a compressed downlink; the
 config then names the codec, the anchor and the version of the model the
-device must end up with.
+device must end up with (the keys live in `fedge.common.contract`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -23,40 +22,9 @@ import numpy as np
 from flwr.app import Array
 
 from fedge.common.codec_spec import parse_codec
+from fedge.common.contract import ZERO_ANCHOR
 from fedge.common.update_array import pack_update, packed_bytes
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES, decode_update, encode_update
-
-#: train config: the downlink codec in force (absent or "none": plain downlink)
-DOWNLINK_CODEC_KEY = "fedge.downlink-codec"
-#: train config: version of the anchor (the full model the device holds and the delta is against)
-DOWNLINK_ANCHOR_KEY = "fedge.downlink-anchor"
-#: train config (deltas only): version of the model the device must rebuild
-DOWNLINK_TARGET_KEY = "fedge.downlink-target"
-#: the single array of a compressed downlink's ArrayRecord
-DOWNLINK_ARRAY_KEY = "fedge.downlink"
-#: ConfigRecord a device adds to its train reply, and its key naming the anchor it holds
-REPLY_RECORD_KEY = "fedge.downlink"
-REPLY_HELD_KEY = "held-version"
-
-#: 128 bits of SHA-256, as `fedge.base-version`
-VERSION_HEX_CHARS = 32
-#: the anchor every device holds without being sent anything: the all-zero model. A delta
-#: against it is the whole model, quantized (a compressed first contact)
-ZERO_ANCHOR = "zero"
-
-
-def model_version(arrays: Mapping[str, np.ndarray]) -> str:
-    """Content hash of a model (names, dtypes, shapes, bytes), 32 hex characters.
-
-    Identical to `fedge.server.reply_decoder.content_version` (a test pins it);
-    it lives here too because a device never imports the coordinator's code.
-    """
-    h = hashlib.sha256()
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes(order="C") if not a.flags.c_contiguous else a.data)
-    return h.hexdigest()[:VERSION_HEX_CHARS]
 
 
 def encode_model_delta(

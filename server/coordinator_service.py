@@ -48,8 +48,10 @@ from fedge.common.chunking import (
     is_sha256_hex,
     iter_file_chunks,
 )
+from fedge.common.contract import FLOWER_MESSAGE_FORMAT as MESSAGE_FORMAT
+from fedge.common.contract import MODEL_SNAPSHOT_FORMAT as MODEL_FORMAT
+from fedge.common.contract import PROTOCOL_VERSION
 from fedge.common.signing import SignatureInvalid, verify_result
-from fedge.common.snapshot import PAYLOAD_FORMAT as MODEL_FORMAT
 from fedge.server import flower_compat as fc
 from fedge.server.audit import audit
 from fedge.server.device_identity import (
@@ -67,8 +69,6 @@ from fedge.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-MESSAGE_FORMAT = "flwr.proto.Message"
 DEFAULT_MAX_RESULT_BYTES = 256 << 20
 """256 MiB: the largest result payload accepted unless configured otherwise."""
 

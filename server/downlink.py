@@ -49,18 +49,17 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedge.common.codec_spec import parse_codec
-from fedge.common.downlink import (
+from fedge.common.contract import (
     DOWNLINK_ANCHOR_KEY,
     DOWNLINK_ARRAY_KEY,
     DOWNLINK_CODEC_KEY,
+    DOWNLINK_HELD_KEY,
+    DOWNLINK_REPLY_KEY,
     DOWNLINK_TARGET_KEY,
-    REPLY_HELD_KEY,
-    REPLY_RECORD_KEY,
     ZERO_ANCHOR,
-    apply_model_delta,
-    encode_model_delta,
-    model_version,
 )
+from fedge.common.downlink import apply_model_delta, encode_model_delta
+from fedge.common.model_version import model_version
 
 log = logging.getLogger(__name__)
 
@@ -302,9 +301,9 @@ class DownlinkCompressor:
         self.seen.add(node)
         held = ""
         if not reply.has_error() and reply.has_content():
-            record = reply.content.get(REPLY_RECORD_KEY)
+            record = reply.content.get(DOWNLINK_REPLY_KEY)
             if isinstance(record, ConfigRecord):
-                held = str(record.get(REPLY_HELD_KEY, ""))
+                held = str(record.get(DOWNLINK_HELD_KEY, ""))
         if held and held in self.anchors:
             self.holders[node] = held
             self.plain_only.discard(node)
