@@ -45,6 +45,7 @@ from fedge.common.contract import (
 from fedge.common.downlink import apply_model_delta
 from fedge.common.errors import UpdateRejected
 from fedge.common.model_version import model_version
+from fedge.common.records import config_record, model_record
 
 log = logging.getLogger(__name__)
 
@@ -57,35 +58,20 @@ class DownlinkError(RuntimeError):
     """A compressed downlink this device cannot turn into the server's model."""
 
 
-def _config(message: Message) -> ConfigRecord | None:
-    record = message.content.get("config")
-    if isinstance(record, ConfigRecord):
-        return record
-    found = [r for r in message.content.values() if isinstance(r, ConfigRecord)]
-    return found[0] if len(found) == 1 else None
-
-
-def _arrays(message: Message) -> tuple[str, ArrayRecord] | None:
-    found = [(k, r) for k, r in message.content.items() if isinstance(r, ArrayRecord)]
-    if len(found) == 1:
-        return found[0]
-    record = message.content.get("arrays")
-    return ("arrays", record) if isinstance(record, ArrayRecord) else None
-
-
 def is_downlink(message: Message) -> bool:
     """True for a train message sent with a compressed downlink in force."""
     if message.metadata.message_type.split(".")[0] != MessageType.TRAIN:
         return False
-    cfg = _config(message)
-    codec = str(cfg.get(DOWNLINK_CODEC_KEY, "") or "") if cfg is not None else ""
+    found = config_record(message.content)
+    codec = str(found[1].get(DOWNLINK_CODEC_KEY, "") or "") if found is not None else ""
     return codec not in ("", "none")
 
 
 def held_version(context: Context) -> str:
     """Version of the anchor this device holds ("" when none)."""
     meta = context.state.get(ANCHOR_META_STATE_KEY)
-    if not isinstance(meta, ConfigRecord) or ANCHOR_STATE_KEY not in context.state:
+    anchor = context.state.get(ANCHOR_STATE_KEY)
+    if not isinstance(meta, ConfigRecord) or not isinstance(anchor, ArrayRecord):
         return ""
     return str(meta.get(ANCHOR_VERSION, ""))
 
@@ -99,20 +85,22 @@ def _forget(context: Context) -> None:
 def _held_anchor(context: Context, anchor_version: str) -> dict[str, np.ndarray]:
     """The anchor a delta names, if this device holds it (else `DownlinkError`)."""
     held = held_version(context)
-    if held != anchor_version:
+    anchor = context.state.get(ANCHOR_STATE_KEY)
+    if held != anchor_version or not isinstance(anchor, ArrayRecord):
         _forget(context)
         raise DownlinkError(
             f"delta against {anchor_version[:12] or '?'}, device holds {held[:12] or 'none'}"
         )
-    return {k: a.numpy() for k, a in context.state[ANCHOR_STATE_KEY].items()}
+    return {k: a.numpy() for k, a in anchor.items()}
 
 
 def receive(message: Message, context: Context) -> None:
     """Turn a downlink train message into a plain one in place, updating the anchor."""
-    cfg = _config(message)
-    found = _arrays(message)
-    if cfg is None or found is None:
+    config = config_record(message.content)
+    found = model_record(message.content)
+    if config is None or found is None:
         raise DownlinkError("downlink message without config or arrays")
+    cfg = config[1]
     key, record = found
     anchor_version = str(cfg.get(DOWNLINK_ANCHOR_KEY, ""))
     if len(record) == 1 and DOWNLINK_ARRAY_KEY in record:

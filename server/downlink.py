@@ -60,6 +60,7 @@ from fedge.common.contract import (
 )
 from fedge.common.downlink import apply_model_delta, encode_model_delta
 from fedge.common.model_version import model_version
+from fedge.common.records import ARRAYS_RECORD, CONFIG_RECORD, config_record, model_record
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +100,6 @@ class DownlinkRound:
 
 def _array_bytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
-
-
-def _first_of(content: RecordDict, kind: type) -> tuple[str, Any] | None:
-    found = [(k, v) for k, v in content.items() if isinstance(v, kind)]
-    if kind is ConfigRecord:
-        for k, v in found:
-            if k == "config":
-                return k, v
-    return found[0] if len(found) == 1 else None
 
 
 class DownlinkCompressor:
@@ -249,17 +241,18 @@ class DownlinkCompressor:
     def _rewrite(msg: Message, arrays: ArrayRecord | None, extra: Mapping[str, str]) -> None:
         """Give `msg` its own content: a copy of the config plus `extra`, and `arrays`."""
         content = RecordDict()
-        config = _first_of(msg.content, ConfigRecord)
-        array_key = (_first_of(msg.content, ArrayRecord) or ("arrays", None))[0]
+        config = config_record(msg.content)
+        model = model_record(msg.content)
+        array_key = model[0] if model is not None else ARRAYS_RECORD
         for key, record in msg.content.items():
             if config is not None and key == config[0]:
-                content[key] = ConfigRecord({**dict(record), **extra})
+                content[key] = ConfigRecord({**dict(config[1]), **extra})
             elif arrays is not None and key == array_key:
                 content[key] = arrays
             else:
                 content[key] = record
         if config is None:
-            content["config"] = ConfigRecord(dict(extra))
+            content[CONFIG_RECORD] = ConfigRecord(dict(extra))
         msg.content = content
 
     @staticmethod
@@ -268,7 +261,7 @@ class DownlinkCompressor:
 
     @staticmethod
     def _round_of(msg: Message) -> int:
-        found = _first_of(msg.content, ConfigRecord)
+        found = config_record(msg.content)
         value = found[1].get("server-round", 0) if found else 0
         return int(value) if isinstance(value, int | float) else 0
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from google.protobuf.message import DecodeError
 
 from fedge.common.contract import UPDATE_KEY
 from fedge.common.errors import UpdateRejected
+from fedge.common.records import records_of
 from fedge.common.update_array import packed_bytes
 from fedge.common.update_codec import decode_update
 from fedge.v1 import update_pb2
@@ -29,7 +29,6 @@ from fedge.v1 import update_pb2
 FINITE_CHUNK = 1 << 18
 
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
-R = TypeVar("R", ArrayRecord, MetricRecord)
 
 
 @dataclass
@@ -54,18 +53,6 @@ def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:
 def is_compressed(record: ArrayRecord) -> bool:
     """True when the record is a fedge-encoded update (a single `fedge.update` array)."""
     return len(record) == 1 and UPDATE_KEY in record
-
-
-def records_of(content: RecordDict, kind: type[R]) -> dict[str, R]:
-    """The records of one kind in `content`, by key.
-
-    Use this, not `RecordDict.array_records` / `.metric_records`: in flwr 1.42
-    those build a `_SyncedDict` that references itself (through its bound
-    `check_value`), a cycle only the cyclic GC frees. Every reply touched that
-    way keeps its arrays alive until the next full enough collection, which
-    while streaming 200 replies meant tens of extra replies resident.
-    """
-    return {k: v for k, v in content.items() if isinstance(v, kind)}
 
 
 def reply_bytes(message: Message) -> int:
