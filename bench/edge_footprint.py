@@ -424,8 +424,8 @@ def _cnn_train_payload(node_id: int) -> bytes:
     from flwr.app import DEFAULT_TTL, ConfigRecord, Message, MessageType, Metadata, RecordDict
 
     from fedge.common.arrays import model_to_record
+    from fedge.common.flower_compat import message_to_bytes
     from fedge.common.models import FedAvgCNN
-    from fedge.server.flower_compat import message_to_bytes
 
     config = {"server-round": 1, "fedge.codec": "int8", "local-epochs": 1, "batch-size": 32,
               "lr": 0.05, "fedge.run-id": "1"}

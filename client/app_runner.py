@@ -27,7 +27,7 @@ from flwr.app import Context, Message, RecordDict
 from fedge.client.device_state import DeviceFolder, OutboxEntry
 from fedge.client.edge_runtime import DEFAULT_APP_REF, release_memory
 from fedge.client.edge_session import Task
-from fedge.client.flower_compat import (
+from fedge.common.flower_compat import (
     ErrorCode,
     context_from_bytes,
     context_to_bytes,

@@ -39,6 +39,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from fedge.common import flower_compat as fc
 from fedge.common.chunking import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -52,7 +53,6 @@ from fedge.common.contract import FLOWER_MESSAGE_FORMAT as MESSAGE_FORMAT
 from fedge.common.contract import MODEL_SNAPSHOT_FORMAT as MODEL_FORMAT
 from fedge.common.contract import PROTOCOL_VERSION
 from fedge.common.signing import SignatureInvalid, verify_result
-from fedge.server import flower_compat as fc
 from fedge.server.audit import audit
 from fedge.server.device_identity import (
     IdentityRefused,

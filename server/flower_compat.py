@@ -1,10 +1,11 @@
 """The coordinator's only door into Flower internals (flwr 1.42).
 
-Everything fedge's server side needs from Flower that is not public API is
-reached through here, so a Flower upgrade touches this file,
-`client/flower_compat.py` and `common/flower_compat.py` (the message
-serializer both sides share, re-exported below) and nothing else. Public API
-(`flwr.app`, `flwr.serverapp`) is used directly elsewhere.
+Everything only fedge's server side needs from Flower that is not public API
+lives here; the message serializer both sides share is
+`fedge.common.flower_compat`, and the device's own internals are in
+`fedge.client.flower_compat`. A Flower upgrade touches these three files and
+nothing else. Public API (`flwr.app`, `flwr.serverapp`) is used directly
+elsewhere.
 
 Server-only internals, and where they live in flwr 1.42:
 
@@ -23,41 +24,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedge.common.flower_compat import (
-    ErrorCode,
-    ProtoMessage,
-    context_from_bytes,
-    context_to_bytes,
-    error_reply,
-    message_from_bytes,
-    message_from_parsed,
-    message_parts,
-    message_to_bytes,
-    parse_message,
-    parsed_metadata,
-    recorddict_to_proto,
-    set_message_id,
-)
-
-__all__ = [
-    "SERVER_NODE_ID",
-    "ErrorCode",
-    "ProtoMessage",
-    "Run",
-    "context_from_bytes",
-    "context_to_bytes",
-    "error_reply",
-    "make_run",
-    "message_from_bytes",
-    "message_from_parsed",
-    "message_parts",
-    "message_to_bytes",
-    "parse_message",
-    "parsed_metadata",
-    "recorddict_to_proto",
-    "set_message_id",
-    "set_task_identity",
-]
+__all__ = ["SERVER_NODE_ID", "Run", "make_run", "set_task_identity"]
 
 #: The node id Flower gives the server side (the SuperLink) in every runtime.
 SERVER_NODE_ID: int = SUPERLINK_NODE_ID
