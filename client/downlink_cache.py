@@ -31,18 +31,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 
 from fedge.client.flower_compat import ClientAppCallable, Mod
 from fedge.common.arrays import arrays_to_record
-from fedge.common.contract import (
-    ANCHOR_META_STATE_KEY,
-    ANCHOR_STATE_KEY,
-    DOWNLINK_ANCHOR_KEY,
-    DOWNLINK_ARRAY_KEY,
-    DOWNLINK_CODEC_KEY,
-    DOWNLINK_HELD_KEY,
-    DOWNLINK_REPLY_KEY,
-    DOWNLINK_TARGET_KEY,
-    ZERO_ANCHOR,
-)
-from fedge.common.downlink import apply_model_delta
+from fedge.common.contract import ANCHOR_META_STATE_KEY, ANCHOR_STATE_KEY, ZERO_ANCHOR
+from fedge.common.downlink import DownlinkFields, apply_model_delta, packed_delta, tag_held
 from fedge.common.errors import UpdateRejected
 from fedge.common.model_version import model_version
 from fedge.common.records import config_record, model_record
@@ -63,8 +53,7 @@ def is_downlink(message: Message) -> bool:
     if message.metadata.message_type.split(".")[0] != MessageType.TRAIN:
         return False
     found = config_record(message.content)
-    codec = str(found[1].get(DOWNLINK_CODEC_KEY, "") or "") if found is not None else ""
-    return codec not in ("", "none")
+    return found is not None and DownlinkFields.read(found[1]) is not None
 
 
 def held_version(context: Context) -> str:
@@ -98,20 +87,21 @@ def receive(message: Message, context: Context) -> None:
     """Turn a downlink train message into a plain one in place, updating the anchor."""
     config = config_record(message.content)
     found = model_record(message.content)
-    if config is None or found is None:
-        raise DownlinkError("downlink message without config or arrays")
-    cfg = config[1]
+    fields = DownlinkFields.read(config[1]) if config is not None else None
+    if fields is None or found is None:
+        raise DownlinkError("not a downlink message: no downlink config or no arrays")
     key, record = found
-    anchor_version = str(cfg.get(DOWNLINK_ANCHOR_KEY, ""))
-    if len(record) == 1 and DOWNLINK_ARRAY_KEY in record:
+    anchor_version = fields.anchor
+    delta = packed_delta(record)
+    if delta is not None:
         first = anchor_version == ZERO_ANCHOR
         anchor = None if first else _held_anchor(context, anchor_version)
         try:
-            model = apply_model_delta(anchor, record[DOWNLINK_ARRAY_KEY])
+            model = apply_model_delta(anchor, delta)
         except UpdateRejected as ex:
             raise DownlinkError(f"undecodable downlink delta: {ex}") from None
         version = model_version(model)
-        if version != str(cfg.get(DOWNLINK_TARGET_KEY, "")):
+        if version != fields.target:
             _forget(context)
             raise DownlinkError("rebuilt model differs from the server's (version mismatch)")
         message.content[key] = arrays_to_record(model)
@@ -133,7 +123,7 @@ def receive(message: Message, context: Context) -> None:
 def tag_reply(reply: Message, context: Context) -> Message:
     """Tell the server which anchor this device holds (nothing on an error reply)."""
     if not reply.has_error():
-        reply.content[DOWNLINK_REPLY_KEY] = ConfigRecord({DOWNLINK_HELD_KEY: held_version(context)})
+        tag_held(reply.content, held_version(context))
     return reply
 
 

@@ -10,21 +10,87 @@ Wire: a train message whose ArrayRecord holds the single uint8 array
 `DOWNLINK_ARRAY_KEY` (a serialized `fedge.v1.ModelUpdate`, `is_delta`, its
 `base_model_version` the anchor's version) is a compressed downlink; the
 config then names the codec, the anchor and the version of the model the
-device must end up with (the keys live in `fedge.common.contract`).
+device must end up with (`DownlinkFields`). A device's reply names the anchor
+it holds (`tag_held` / `held_of`). The server writes and the device reads
+these with the same functions here, so the key names (`fedge.common.contract`)
+are spelled in one place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedge.common.codec_spec import parse_codec
-from fedge.common.contract import ZERO_ANCHOR
+from fedge.common.contract import (
+    DOWNLINK_ANCHOR_KEY,
+    DOWNLINK_ARRAY_KEY,
+    DOWNLINK_CODEC_KEY,
+    DOWNLINK_HELD_KEY,
+    DOWNLINK_REPLY_KEY,
+    DOWNLINK_TARGET_KEY,
+    ZERO_ANCHOR,
+)
 from fedge.common.update_array import pack_update, packed_bytes
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES, decode_update, encode_update
+
+
+@dataclass(frozen=True)
+class DownlinkFields:
+    """What a train config says about its downlink: the codec, the anchor, the target.
+
+    `anchor` is the version of the model the delta is against (or of the plain
+    model sent, which becomes the device's anchor; `ZERO_ANCHOR` for a
+    compressed first contact); `target` (deltas only) the version of the model
+    the device must rebuild.
+    """
+
+    codec: str
+    anchor: str
+    target: str = ""
+
+    def to_config(self) -> dict[str, str]:
+        """The train config entries that announce this downlink."""
+        out = {DOWNLINK_CODEC_KEY: self.codec, DOWNLINK_ANCHOR_KEY: self.anchor}
+        if self.target:
+            out[DOWNLINK_TARGET_KEY] = self.target
+        return out
+
+    @classmethod
+    def read(cls, config: Mapping[str, Any]) -> DownlinkFields | None:
+        """The downlink a train config announces; None when none is in force."""
+        codec = str(config.get(DOWNLINK_CODEC_KEY, "") or "")
+        if codec in ("", "none"):
+            return None
+        return cls(codec, str(config.get(DOWNLINK_ANCHOR_KEY, "")),
+                   str(config.get(DOWNLINK_TARGET_KEY, "")))
+
+
+def delta_record(packed: Array) -> ArrayRecord:
+    """The ArrayRecord of a delta message: the packed delta as its only array."""
+    return ArrayRecord({DOWNLINK_ARRAY_KEY: packed})
+
+
+def packed_delta(record: ArrayRecord) -> Array | None:
+    """The packed delta if `record` is a delta message's model, else None (plain weights)."""
+    if len(record) == 1 and DOWNLINK_ARRAY_KEY in record:
+        return record[DOWNLINK_ARRAY_KEY]
+    return None
+
+
+def tag_held(content: RecordDict, version: str) -> None:
+    """Add to a train reply the record naming the anchor the device holds ("" for none)."""
+    content[DOWNLINK_REPLY_KEY] = ConfigRecord({DOWNLINK_HELD_KEY: version})
+
+
+def held_of(content: RecordDict) -> str:
+    """The anchor a train reply says its device holds ("" when it names none)."""
+    record = content.get(DOWNLINK_REPLY_KEY)
+    return str(record.get(DOWNLINK_HELD_KEY, "")) if isinstance(record, ConfigRecord) else ""
 
 
 def encode_model_delta(

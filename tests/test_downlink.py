@@ -21,7 +21,13 @@ from fedge.common.contract import (
     DOWNLINK_TARGET_KEY,
     ZERO_ANCHOR,
 )
-from fedge.common.downlink import apply_model_delta, encode_model_delta
+from fedge.common.downlink import (
+    DownlinkFields,
+    apply_model_delta,
+    encode_model_delta,
+    held_of,
+    tag_held,
+)
 from fedge.common.model_version import model_version
 from fedge.server.downlink import DownlinkCompressor, downlink_from_config
 from fedge.server.flower_compat import set_task_identity
@@ -51,6 +57,23 @@ def test_model_version_is_pinned_on_the_wire() -> None:
     assert model_version({"n": n, "w": w}) == "0093162e3df22e29b801199f28f262d2"
     assert model_version({"w": np.asfortranarray(w)}) == model_version({"w": w})
     assert model_version(TARGET) != model_version(ANCHOR)
+
+
+def test_downlink_fields_are_written_and_read_by_one_pair_of_functions() -> None:
+    fields = DownlinkFields("int8", "a" * 32, "b" * 32)
+    config = fields.to_config()
+    # the wire names are pinned: a device and a coordinator of other fedge versions read them
+    assert config == {"fedge.downlink-codec": "int8", "fedge.downlink-anchor": "a" * 32,
+                      "fedge.downlink-target": "b" * 32}
+    assert DownlinkFields.read({**config, "server-round": 3}) == fields
+    assert DownlinkFields("int8", "a" * 32).to_config().keys() == {
+        DOWNLINK_CODEC_KEY, DOWNLINK_ANCHOR_KEY}
+    assert DownlinkFields.read({DOWNLINK_CODEC_KEY: "none", DOWNLINK_ANCHOR_KEY: "x"}) is None
+    assert DownlinkFields.read({}) is None
+    reply = RecordDict()
+    assert held_of(reply) == ""
+    tag_held(reply, "c" * 32)
+    assert held_of(reply) == "c" * 32 and list(reply.keys()) == ["fedge.downlink"]
 
 
 def test_delta_rebuilds_close_to_target_and_deterministically() -> None:
