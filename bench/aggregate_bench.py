@@ -172,13 +172,10 @@ def run_child(path: str, count: int, params: int, delivery: str) -> dict[str, An
     from flwr.serverapp.strategy import FedAvg
 
     from fedge.common.alloc import release_memory
-    from fedge.common.update_array import UPDATE_KEY, pack_update
+    from fedge.common.contract import BASE_VERSION_KEY, RUN_ID_KEY, UPDATE_KEY
+    from fedge.common.update_array import pack_update
     from fedge.common.update_codec import decode_update, encode_update
-    from fedge.server.compressed_strategy import (
-        BASE_VERSION_KEY,
-        RUN_ID_KEY,
-        CompressedStrategy,
-    )
+    from fedge.server.compressed_strategy import CompressedStrategy
     from fedge.server.inprocess_grid import InProcessGrid
     from fedge.server.reply_decoder import layout_of
 

@@ -402,11 +402,12 @@ def _cnn_train_payload(node_id: int) -> bytes:
     from flwr.app import DEFAULT_TTL, ConfigRecord, Message, MessageType, Metadata, RecordDict
 
     from fedge.common.arrays import model_to_record
+    from fedge.common.contract import CODEC_KEY, RUN_ID_KEY
+    from fedge.common.flower_compat import message_to_bytes
     from fedge.common.models import FedAvgCNN
-    from fedge.server.flower_compat import message_to_bytes
 
-    config = {"server-round": 1, "fedge.codec": "int8", "local-epochs": 1, "batch-size": 32,
-              "lr": 0.05, "fedge.run-id": "1"}
+    config = {"server-round": 1, CODEC_KEY: "int8", "local-epochs": 1, "batch-size": 32,
+              "lr": 0.05, RUN_ID_KEY: "1"}
     content = RecordDict(
         {"arrays": model_to_record(FedAvgCNN(seed=0)), "config": ConfigRecord(config)}
     )

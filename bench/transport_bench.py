@@ -55,9 +55,10 @@ def cnn_update_content() -> tuple[bytes, int]:
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
     from fedge.common.arrays import model_to_arrays
+    from fedge.common.contract import UPDATE_KEY
+    from fedge.common.flower_compat import ProtoMessage, recorddict_to_proto
     from fedge.common.models import FedAvgCNN
     from fedge.common.update_codec import encode_update
-    from fedge.server.flower_compat import ProtoMessage, recorddict_to_proto
 
     rng = np.random.default_rng(0)
     weights = model_to_arrays(FedAvgCNN(seed=0))
@@ -66,7 +67,7 @@ def cnn_update_content() -> tuple[bytes, int]:
     data = np.frombuffer(update.SerializeToString(), dtype=np.uint8)
     content = RecordDict(
         {
-            "arrays": ArrayRecord({"fedge.update": Array(data.copy())}),
+            "arrays": ArrayRecord({UPDATE_KEY: Array(data.copy())}),
             "metrics": MetricRecord({"num-examples": 600, "train-loss": 0.5}),
         }
     )
@@ -77,7 +78,7 @@ def reply_payload(task_payload: bytes, content: bytes) -> bytes:
     """A Flower reply to the task message: the shared content fragment + this reply's metadata."""
     from flwr.app import Message, RecordDict
 
-    from fedge.server import flower_compat as fc
+    from fedge.common import flower_compat as fc
 
     task = fc.message_from_bytes(task_payload)
     reply = Message(RecordDict(), reply_to=task)
@@ -148,12 +149,13 @@ def _serve_echo(state: Path, chunk: int) -> None:
         import grpc
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        from fedge.server import flower_compat as fc
+        from fedge.common import flower_compat as fc
+        from fedge.server.flower_compat import set_task_identity
         from fedge.server.tls import ensure_server_tls, server_credentials
         from fedge.v1 import coordinator_pb2 as pb
         from fedge.v1 import coordinator_pb2_grpc as pb_grpc
 
-        fc.set_task_identity(4242)
+        set_task_identity(4242)
         task = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), 2, "train")
         fc.set_message_id(task, "0" * 32)
         payload = fc.message_to_bytes(task)
@@ -196,6 +198,7 @@ async def _ingest(target: str, ca: bytes, devices: int, tasks: int, content: byt
     import grpc
 
     from fedge.common.chunking import iter_chunks, sha256_hex
+    from fedge.common.contract import FLOWER_MESSAGE_FORMAT
     from fedge.v1 import coordinator_pb2 as pb
     from fedge.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -224,7 +227,7 @@ async def _ingest(target: str, ca: bytes, devices: int, tasks: int, content: byt
                 yield pb.ResultChunk(header=pb.ResultHeader(
                     session_token=token, task_id=h.task_id, run_id=h.run_id, round=h.round,
                     total_size=len(p), sha256=sha256_hex(p),
-                    payload_format="flwr.proto.Message"))
+                    payload_format=FLOWER_MESSAGE_FORMAT))
                 for off, view in iter_chunks(p, chunk):
                     yield pb.ResultChunk(data=pb.Chunk(offset=off, data=bytes(view)))
 

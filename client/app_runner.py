@@ -27,7 +27,8 @@ from flwr.app import Context, Message, RecordDict
 from fedge.client.app_ref import DEFAULT_APP_REF
 from fedge.client.device_state import DeviceFolder, OutboxEntry
 from fedge.client.edge_session import DeliveredTask
-from fedge.client.flower_compat import (
+from fedge.common.alloc import release_memory
+from fedge.common.flower_compat import (
     ErrorCode,
     context_from_bytes,
     context_to_bytes,
@@ -35,7 +36,6 @@ from fedge.client.flower_compat import (
     message_from_bytes,
     message_to_bytes,
 )
-from fedge.common.alloc import release_memory
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ What it reads (see docs/CONTRACTS.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,12 +26,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedge.client.flower_compat import Mod
 from fedge.common.arrays import arrays_to_record, model_to_arrays, record_to_model
 from fedge.common.task import DEFAULT_TASK, ClientData, Task, resolve_task
 from fedge.common.training import evaluate, torch_threads, train
-
-ClientAppCallable = Callable[[Message, Context], Message]
-Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
 # used when neither the message config nor the task's `train_defaults` set a key
 DEFAULTS: dict[str, float | int] = {

@@ -32,40 +32,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
-from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord
 
 from fedge.client.downlink_cache import is_downlink, with_downlink
+from fedge.client.flower_compat import ClientAppCallable, Mod
 from fedge.common.codec_spec import parse_codec
-from fedge.common.update_array import UPDATE_KEY, pack_update
+from fedge.common.contract import (
+    BASE_VERSION_KEY,
+    CODEC_KEY,
+    RESET_RESIDUAL_KEY,
+    RESIDUAL_STATE_KEY,
+    RUN_ID_KEY,
+    UPDATE_KEY,
+)
+from fedge.common.records import config_record, model_record, records_of
+from fedge.common.update_array import pack_update
 from fedge.common.update_codec import encode_update
 
 log = logging.getLogger(__name__)
 
-CODEC_KEY = "fedge.codec"
-BASE_VERSION_KEY = "fedge.base-version"
-RUN_ID_KEY = "fedge.run-id"
-RESIDUAL_STATE_KEY = "fedge.residual"
-RESET_RESIDUAL_KEY = "fedge.reset-residual"  # train config: start without the residual
 WEIGHT_KEY = "num-examples"
-
-
-def _config(message: Message) -> Mapping[str, Any]:
-    records = message.content.config_records
-    if "config" in records:
-        return records["config"]
-    if len(records) == 1:
-        return next(iter(records.values()))
-    return ConfigRecord()
-
-
-def _array_record(message: Message) -> tuple[str, ArrayRecord] | None:
-    records = message.content.array_records
-    if len(records) == 1:
-        return next(iter(records.items()))
-    if "arrays" in records:
-        return "arrays", records["arrays"]
-    return None
 
 
 def incoming_global(message: Message) -> dict[str, np.ndarray] | None:
@@ -74,7 +60,7 @@ def incoming_global(message: Message) -> dict[str, np.ndarray] | None:
     A compressed downlink is rebuilt into plain weights before this runs
     (`fedge.client.downlink_cache.with_downlink` wraps the mod).
     """
-    found = _array_record(message)
+    found = model_record(message.content)
     if found is None:
         return None
     return {k: a.numpy() for k, a in found[1].items()}
@@ -82,7 +68,7 @@ def incoming_global(message: Message) -> dict[str, np.ndarray] | None:
 
 def load_residual(context: Context, key: str = RESIDUAL_STATE_KEY) -> dict[str, np.ndarray]:
     """The error-feedback residual kept in `context.state` (empty if none yet)."""
-    record = context.state.array_records.get(key)
+    record = records_of(context.state, ArrayRecord).get(key)
     return {} if record is None else {k: a.numpy() for k, a in record.items()}
 
 
@@ -122,7 +108,7 @@ def _with_residual_applied(
     ArrayRecord replaces the old one, which the downlink cache may hold as its
     anchor, so nothing it keeps is changed.
     """
-    found = _array_record(message)
+    found = model_record(message.content)
     if found is None:  # cannot happen: global_ came from it
         return message
     key, record = found
@@ -192,7 +178,8 @@ def make_compression_mod(
     ) -> Message:
         if message.metadata.message_type.split(".")[0] != MessageType.TRAIN:
             return call_next(message, context)
-        cfg = _config(message)
+        found_config = config_record(message.content)
+        cfg: Mapping[str, Any] = found_config[1] if found_config is not None else {}
         spec = str(cfg.get(CODEC_KEY, default_codec or "") or "").strip()
         # a model that came as a downlink delta: reply with an exact delta even for `none`,
         # so the server adds it to the exact global model (docs/compression.md)
@@ -204,15 +191,15 @@ def make_compression_mod(
         residual = None
         if global_ is not None and not cfg.get(RESET_RESIDUAL_KEY):
             residual = _usable_residual(load_residual(context, state_key), global_)
-        if residual is not None and codec.ahead:
+        if global_ is not None and residual is not None and codec.ahead:
             message = _with_residual_applied(message, global_, residual, codec.ahead)
             # the local update now holds `ahead` of the residual; the rest is added as usual
             residual = _scaled(residual, 1.0 - codec.ahead)
         reply = call_next(message, context)
         if global_ is None or reply.has_error():
             return reply
-        found = _array_record(reply)
-        metric_records = reply.content.metric_records
+        found = model_record(reply.content)
+        metric_records = records_of(reply.content, MetricRecord)
         if found is None or len(metric_records) != 1:
             log.warning("compression mod: reply is not one ArrayRecord + MetricRecord; sent as is")
             return reply

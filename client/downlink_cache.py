@@ -25,75 +25,48 @@ how the server learns what to send next.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 
+from fedge.client.flower_compat import ClientAppCallable, Mod
 from fedge.common.arrays import arrays_to_record
-from fedge.common.downlink import (
-    DOWNLINK_ANCHOR_KEY,
-    DOWNLINK_ARRAY_KEY,
-    DOWNLINK_CODEC_KEY,
-    DOWNLINK_TARGET_KEY,
-    REPLY_HELD_KEY,
-    REPLY_RECORD_KEY,
-    ZERO_ANCHOR,
-    apply_model_delta,
-    model_version,
-)
+from fedge.common.contract import ANCHOR_META_STATE_KEY, ANCHOR_STATE_KEY, ZERO_ANCHOR
+from fedge.common.downlink import DownlinkFields, apply_model_delta, packed_delta, tag_held
 from fedge.common.errors import UpdateRejected
+from fedge.common.model_version import model_version
+from fedge.common.records import config_record, model_record
 
 log = logging.getLogger(__name__)
 
-ANCHOR_STATE_KEY = "fedge.downlink-anchor"
-META_STATE_KEY = "fedge.downlink"
+#: keys of the ConfigRecord kept at `ANCHOR_META_STATE_KEY`
 ANCHOR_VERSION = "anchor-version"
 MODEL_VERSION = "model-version"  # version of the model last rebuilt or received
-
-ClientAppCallable = Callable[[Message, Context], Message]
-Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
 
 class DownlinkError(RuntimeError):
     """A compressed downlink this device cannot turn into the server's model."""
 
 
-def _config(message: Message) -> ConfigRecord | None:
-    record = message.content.get("config")
-    if isinstance(record, ConfigRecord):
-        return record
-    found = [r for r in message.content.values() if isinstance(r, ConfigRecord)]
-    return found[0] if len(found) == 1 else None
-
-
-def _arrays(message: Message) -> tuple[str, ArrayRecord] | None:
-    found = [(k, r) for k, r in message.content.items() if isinstance(r, ArrayRecord)]
-    if len(found) == 1:
-        return found[0]
-    record = message.content.get("arrays")
-    return ("arrays", record) if isinstance(record, ArrayRecord) else None
-
-
 def is_downlink(message: Message) -> bool:
     """True for a train message sent with a compressed downlink in force."""
     if message.metadata.message_type.split(".")[0] != MessageType.TRAIN:
         return False
-    cfg = _config(message)
-    codec = str(cfg.get(DOWNLINK_CODEC_KEY, "") or "") if cfg is not None else ""
-    return codec not in ("", "none")
+    found = config_record(message.content)
+    return found is not None and DownlinkFields.read(found[1]) is not None
 
 
 def held_version(context: Context) -> str:
     """Version of the anchor this device holds ("" when none)."""
-    meta = context.state.get(META_STATE_KEY)
-    if not isinstance(meta, ConfigRecord) or ANCHOR_STATE_KEY not in context.state:
+    meta = context.state.get(ANCHOR_META_STATE_KEY)
+    anchor = context.state.get(ANCHOR_STATE_KEY)
+    if not isinstance(meta, ConfigRecord) or not isinstance(anchor, ArrayRecord):
         return ""
     return str(meta.get(ANCHOR_VERSION, ""))
 
 
 def _forget(context: Context) -> None:
-    for key in (ANCHOR_STATE_KEY, META_STATE_KEY):
+    for key in (ANCHOR_STATE_KEY, ANCHOR_META_STATE_KEY):
         if key in context.state:
             del context.state[key]
 
@@ -101,31 +74,34 @@ def _forget(context: Context) -> None:
 def _held_anchor(context: Context, anchor_version: str) -> dict[str, np.ndarray]:
     """The anchor a delta names, if this device holds it (else `DownlinkError`)."""
     held = held_version(context)
-    if held != anchor_version:
+    anchor = context.state.get(ANCHOR_STATE_KEY)
+    if held != anchor_version or not isinstance(anchor, ArrayRecord):
         _forget(context)
         raise DownlinkError(
             f"delta against {anchor_version[:12] or '?'}, device holds {held[:12] or 'none'}"
         )
-    return {k: a.numpy() for k, a in context.state[ANCHOR_STATE_KEY].items()}
+    return {k: a.numpy() for k, a in anchor.items()}
 
 
 def receive(message: Message, context: Context) -> None:
     """Turn a downlink train message into a plain one in place, updating the anchor."""
-    cfg = _config(message)
-    found = _arrays(message)
-    if cfg is None or found is None:
-        raise DownlinkError("downlink message without config or arrays")
+    config = config_record(message.content)
+    found = model_record(message.content)
+    fields = DownlinkFields.read(config[1]) if config is not None else None
+    if fields is None or found is None:
+        raise DownlinkError("not a downlink message: no downlink config or no arrays")
     key, record = found
-    anchor_version = str(cfg.get(DOWNLINK_ANCHOR_KEY, ""))
-    if len(record) == 1 and DOWNLINK_ARRAY_KEY in record:
+    anchor_version = fields.anchor
+    delta = packed_delta(record)
+    if delta is not None:
         first = anchor_version == ZERO_ANCHOR
         anchor = None if first else _held_anchor(context, anchor_version)
         try:
-            model = apply_model_delta(anchor, record[DOWNLINK_ARRAY_KEY])
+            model = apply_model_delta(anchor, delta)
         except UpdateRejected as ex:
             raise DownlinkError(f"undecodable downlink delta: {ex}") from None
         version = model_version(model)
-        if version != str(cfg.get(DOWNLINK_TARGET_KEY, "")):
+        if version != fields.target:
             _forget(context)
             raise DownlinkError("rebuilt model differs from the server's (version mismatch)")
         message.content[key] = arrays_to_record(model)
@@ -139,7 +115,7 @@ def receive(message: Message, context: Context) -> None:
             _forget(context)
             return
         context.state[ANCHOR_STATE_KEY] = record
-    context.state[META_STATE_KEY] = ConfigRecord(
+    context.state[ANCHOR_META_STATE_KEY] = ConfigRecord(
         {ANCHOR_VERSION: anchor_version, MODEL_VERSION: version}
     )
 
@@ -147,7 +123,7 @@ def receive(message: Message, context: Context) -> None:
 def tag_reply(reply: Message, context: Context) -> Message:
     """Tell the server which anchor this device holds (nothing on an error reply)."""
     if not reply.has_error():
-        reply.content[REPLY_RECORD_KEY] = ConfigRecord({REPLY_HELD_KEY: held_version(context)})
+        tag_held(reply.content, held_version(context))
     return reply
 
 

@@ -31,14 +31,12 @@ from dataclasses import dataclass, field
 import grpc
 
 from fedge.common.chunking import MAX_CHUNK_SIZE, Assembler, ChunkError
+from fedge.common.contract import FLOWER_MESSAGE_FORMAT, PROTOCOL_VERSION
 from fedge.v1 import coordinator_pb2 as pb
 from fedge.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_FORMAT = "flwr.proto.Message"
-"""The only task/result payload format this runtime speaks (a Flower Message)."""
-PROTOCOL_VERSION = 1
 DEFAULT_MAX_TASK_BYTES = 512 << 20
 """Largest task payload a device accepts: far above fedge's models, bounded for a Pi."""
 
@@ -368,7 +366,7 @@ class CoordinatorLink:
                 return partial
             if header.offset == 0:
                 partial = None  # the coordinator restarted the transfer: so do we
-        if header.payload_format and header.payload_format != PAYLOAD_FORMAT:
+        if header.payload_format and header.payload_format != FLOWER_MESSAGE_FORMAT:
             log.warning("task %s: payload format %r not supported; dropped",
                         header.task_id, header.payload_format)
             self._partial = None

@@ -27,8 +27,9 @@ from typing import Literal
 import grpc
 
 from fedge.client.device_state import OutboxEntry
-from fedge.client.edge_session import PAYLOAD_FORMAT, LinkDown, translate
+from fedge.client.edge_session import LinkDown, translate
 from fedge.common.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, iter_file_chunks
+from fedge.common.contract import FLOWER_MESSAGE_FORMAT
 from fedge.v1 import coordinator_pb2 as pb
 from fedge.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -192,7 +193,7 @@ class Uploader:
             total_size=entry.size,
             sha256=entry.sha256,
             offset=offset,
-            payload_format=PAYLOAD_FORMAT,
+            payload_format=FLOWER_MESSAGE_FORMAT,
             signature=self._signature(entry),
         )
         call = self.stub.PushResult()

@@ -3,60 +3,94 @@
 Both ends call the same two functions on the same bytes, so the model a device
 rebuilds is bit for bit the one the server computed (docs/compression.md,
 "Compressed downlink"): `encode_model_delta` on the server and
-`apply_model_delta` on both. `model_version` names a model by its content; it
-is the same hash as the coordinator's `fedge.base-version`.
+`apply_model_delta` on both. Models are named by `fedge.common.model_version`,
+the same hash as the coordinator's `fedge.base-version`.
 
 Wire: a train message whose ArrayRecord holds the single uint8 array
-`fedge.downlink` (a serialized `fedge.v1.ModelUpdate`, `is_delta`, its
+`DOWNLINK_ARRAY_KEY` (a serialized `fedge.v1.ModelUpdate`, `is_delta`, its
 `base_model_version` the anchor's version) is a compressed downlink; the
 config then names the codec, the anchor and the version of the model the
-device must end up with.
+device must end up with (`DownlinkFields`). A device's reply names the anchor
+it holds (`tag_held` / `held_of`). The server writes and the device reads
+these with the same functions here, so the key names (`fedge.common.contract`)
+are spelled in one place.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedge.common.codec_spec import parse_codec
+from fedge.common.contract import (
+    DOWNLINK_ANCHOR_KEY,
+    DOWNLINK_ARRAY_KEY,
+    DOWNLINK_CODEC_KEY,
+    DOWNLINK_HELD_KEY,
+    DOWNLINK_REPLY_KEY,
+    DOWNLINK_TARGET_KEY,
+    ZERO_ANCHOR,
+)
 from fedge.common.update_array import pack_update, packed_bytes
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES, decode_update, encode_update
 
-#: train config: the downlink codec in force (absent or "none": plain downlink)
-DOWNLINK_CODEC_KEY = "fedge.downlink-codec"
-#: train config: version of the anchor (the full model the device holds and the delta is against)
-DOWNLINK_ANCHOR_KEY = "fedge.downlink-anchor"
-#: train config (deltas only): version of the model the device must rebuild
-DOWNLINK_TARGET_KEY = "fedge.downlink-target"
-#: the single array of a compressed downlink's ArrayRecord
-DOWNLINK_ARRAY_KEY = "fedge.downlink"
-#: ConfigRecord a device adds to its train reply, and its key naming the anchor it holds
-REPLY_RECORD_KEY = "fedge.downlink"
-REPLY_HELD_KEY = "held-version"
 
-#: 128 bits of SHA-256, as `fedge.base-version`
-VERSION_HEX_CHARS = 32
-#: the anchor every device holds without being sent anything: the all-zero model. A delta
-#: against it is the whole model, quantized (a compressed first contact)
-ZERO_ANCHOR = "zero"
+@dataclass(frozen=True)
+class DownlinkFields:
+    """What a train config says about its downlink: the codec, the anchor, the target.
 
-
-def model_version(arrays: Mapping[str, np.ndarray]) -> str:
-    """Content hash of a model (names, dtypes, shapes, bytes), 32 hex characters.
-
-    Identical to `fedge.server.reply_decoder.content_version` (a test pins it);
-    it lives here too because a device never imports the coordinator's code.
+    `anchor` is the version of the model the delta is against (or of the plain
+    model sent, which becomes the device's anchor; `ZERO_ANCHOR` for a
+    compressed first contact); `target` (deltas only) the version of the model
+    the device must rebuild.
     """
-    h = hashlib.sha256()
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes(order="C") if not a.flags.c_contiguous else a.data)
-    return h.hexdigest()[:VERSION_HEX_CHARS]
+
+    codec: str
+    anchor: str
+    target: str = ""
+
+    def to_config(self) -> dict[str, str]:
+        """The train config entries that announce this downlink."""
+        out = {DOWNLINK_CODEC_KEY: self.codec, DOWNLINK_ANCHOR_KEY: self.anchor}
+        if self.target:
+            out[DOWNLINK_TARGET_KEY] = self.target
+        return out
+
+    @classmethod
+    def read(cls, config: Mapping[str, Any]) -> DownlinkFields | None:
+        """The downlink a train config announces; None when none is in force."""
+        codec = str(config.get(DOWNLINK_CODEC_KEY, "") or "")
+        if codec in ("", "none"):
+            return None
+        return cls(codec, str(config.get(DOWNLINK_ANCHOR_KEY, "")),
+                   str(config.get(DOWNLINK_TARGET_KEY, "")))
+
+
+def delta_record(packed: Array) -> ArrayRecord:
+    """The ArrayRecord of a delta message: the packed delta as its only array."""
+    return ArrayRecord({DOWNLINK_ARRAY_KEY: packed})
+
+
+def packed_delta(record: ArrayRecord) -> Array | None:
+    """The packed delta if `record` is a delta message's model, else None (plain weights)."""
+    if len(record) == 1 and DOWNLINK_ARRAY_KEY in record:
+        return record[DOWNLINK_ARRAY_KEY]
+    return None
+
+
+def tag_held(content: RecordDict, version: str) -> None:
+    """Add to a train reply the record naming the anchor the device holds ("" for none)."""
+    content[DOWNLINK_REPLY_KEY] = ConfigRecord({DOWNLINK_HELD_KEY: version})
+
+
+def held_of(content: RecordDict) -> str:
+    """The anchor a train reply says its device holds ("" when it names none)."""
+    record = content.get(DOWNLINK_REPLY_KEY)
+    return str(record.get(DOWNLINK_HELD_KEY, "")) if isinstance(record, ConfigRecord) else ""
 
 
 def encode_model_delta(

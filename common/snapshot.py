@@ -14,7 +14,9 @@ Three hashes, three jobs (docs/coordinator.md):
 - `ModelSnapshot.version` inside the message is `tensors_version`, the SHA-256
   of the encoded tensors alone, so a file shipped on its own checks its weights;
 - `fedge.base-version` in train messages is the weights' content hash the
-  strategy wrapper computes (`server/reply_decoder.content_version`).
+  strategy wrapper computes (`fedge.common.model_version.model_version`).
+
+A FetchModel header names these bytes `MODEL_SNAPSHOT_FORMAT` (`fedge.common.contract`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,6 @@ from fedge.v1 import snapshot_pb2
 
 DEFAULT_MAX_SNAPSHOT_BYTES = 1 << 30
 """1 GiB: far above the models fedge targets, low enough to refuse garbage early."""
-
-PAYLOAD_FORMAT = "fedge.v1.ModelSnapshot"
-"""`payload_format` of a FetchModel header."""
 
 Expected = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 

@@ -1,7 +1,8 @@
 """How a serialized `ModelUpdate` rides in a Flower reply: one raw-bytes `Array`.
 
 Both the compression mod (device) and the strategy wrapper (coordinator) use
-this, so the key and layout are written once. The bytes travel as they are
+this, so the layout is written once (its key and `stype` are in
+`fedge.common.contract`). The bytes travel as they are
 (`stype` names the protobuf message), not as a `.npy` file: a numpy header
 would add 128 bytes to every update and a copy on each side.
 """
@@ -10,12 +11,8 @@ from __future__ import annotations
 
 from flwr.app import Array
 
+from fedge.common.contract import UPDATE_KEY, UPDATE_STYPE
 from fedge.common.errors import UpdateRejected
-
-#: the only key of a compressed reply's ArrayRecord (docs/CONTRACTS.md)
-UPDATE_KEY = "fedge.update"
-#: `Array.stype` of a packed update: the protobuf message the bytes hold
-UPDATE_STYPE = "fedge.v1.ModelUpdate"
 
 
 def pack_update(serialized: bytes) -> Array:

@@ -39,13 +39,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedge.common.codec_spec import parse_codec
+from fedge.common.contract import BASE_VERSION_KEY, CODEC_KEY, RUN_ID_KEY
 from fedge.common.errors import UpdateRejected
+from fedge.common.model_version import model_version
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
 from fedge.server.downlink import DownlinkCompressor
 from fedge.server.reply_decoder import (
     DecodedReply,
     Layout,
-    content_version,
     decode_reply,
     layout_of,
     reply_bytes,
@@ -53,10 +54,6 @@ from fedge.server.reply_decoder import (
 from fedge.server.streaming_mean import StreamingMean
 
 log = logging.getLogger(__name__)
-
-CODEC_KEY = "fedge.codec"
-BASE_VERSION_KEY = "fedge.base-version"
-RUN_ID_KEY = "fedge.run-id"
 
 CodecChoice = str | Callable[[int], str]
 
@@ -168,7 +165,7 @@ class CompressedStrategy(Strategy):
         stats.codec = self.codec_for(server_round)
         self._global = {k: a.numpy() for k, a in arrays.items()}
         self._layout = layout_of(self._global)
-        self._version = content_version(self._global)
+        self._version = model_version(self._global)
         cfg = ConfigRecord(dict(config))
         cfg[CODEC_KEY] = stats.codec
         cfg[BASE_VERSION_KEY] = self._version

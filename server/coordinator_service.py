@@ -39,6 +39,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from fedge.common import flower_compat as fc
 from fedge.common.chunking import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -48,9 +49,10 @@ from fedge.common.chunking import (
     is_sha256_hex,
     iter_file_chunks,
 )
+from fedge.common.contract import FLOWER_MESSAGE_FORMAT as MESSAGE_FORMAT
+from fedge.common.contract import MODEL_SNAPSHOT_FORMAT as MODEL_FORMAT
+from fedge.common.contract import PROTOCOL_VERSION
 from fedge.common.signing import SignatureInvalid, verify_result
-from fedge.common.snapshot import PAYLOAD_FORMAT as MODEL_FORMAT
-from fedge.server import flower_compat as fc
 from fedge.server.audit import audit
 from fedge.server.device_identity import (
     IdentityRefused,
@@ -67,8 +69,6 @@ from fedge.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-MESSAGE_FORMAT = "flwr.proto.Message"
 DEFAULT_MAX_RESULT_BYTES = 256 << 20
 """256 MiB: the largest result payload accepted unless configured otherwise."""
 

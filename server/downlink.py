@@ -49,18 +49,16 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedge.common.codec_spec import parse_codec
+from fedge.common.contract import ZERO_ANCHOR
 from fedge.common.downlink import (
-    DOWNLINK_ANCHOR_KEY,
-    DOWNLINK_ARRAY_KEY,
-    DOWNLINK_CODEC_KEY,
-    DOWNLINK_TARGET_KEY,
-    REPLY_HELD_KEY,
-    REPLY_RECORD_KEY,
-    ZERO_ANCHOR,
+    DownlinkFields,
     apply_model_delta,
+    delta_record,
     encode_model_delta,
-    model_version,
+    held_of,
 )
+from fedge.common.model_version import model_version
+from fedge.common.records import ARRAYS_RECORD, CONFIG_RECORD, config_record, model_record
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +98,6 @@ class DownlinkRound:
 
 def _array_bytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
-
-
-def _first_of(content: RecordDict, kind: type) -> tuple[str, Any] | None:
-    found = [(k, v) for k, v in content.items() if isinstance(v, kind)]
-    if kind is ConfigRecord:
-        for k, v in found:
-            if k == "config":
-                return k, v
-    return found[0] if len(found) == 1 else None
 
 
 class DownlinkCompressor:
@@ -189,7 +178,7 @@ class DownlinkCompressor:
 
     def _send_full(self, group: list[Message], version: str, stats: DownlinkRound) -> None:
         for msg in group:
-            self._rewrite(msg, None, {DOWNLINK_CODEC_KEY: self.codec, DOWNLINK_ANCHOR_KEY: version})
+            self._rewrite(msg, None, DownlinkFields(self.codec, version))
             node = msg.metadata.dst_node_id
             self.holders[node] = version  # a fedge device adopts it; its reply confirms
             stats.full_messages += 1
@@ -211,11 +200,10 @@ class DownlinkCompressor:
         target = model_version(rebuilt)
         if target not in self.anchors:
             self.anchors[target] = Anchor(target, rebuilt, server_round)
-        record = ArrayRecord({DOWNLINK_ARRAY_KEY: packed})
-        extra = {DOWNLINK_CODEC_KEY: self.codec, DOWNLINK_ANCHOR_KEY: ZERO_ANCHOR,
-                 DOWNLINK_TARGET_KEY: target}
+        record = delta_record(packed)
+        fields = DownlinkFields(self.codec, ZERO_ANCHOR, target)
         for msg in group:
-            self._rewrite(msg, record, extra)
+            self._rewrite(msg, record, fields)
             node = msg.metadata.dst_node_id
             self.holders[node] = target  # the device adopts the rebuilt model; its reply confirms
             stats.first_messages += 1
@@ -235,11 +223,10 @@ class DownlinkCompressor:
                                     anchor_version=anchor.version, run_id=self.run_id,
                                     round=server_round)
         target = model_version(apply_model_delta(anchor.arrays, packed))
-        record = ArrayRecord({DOWNLINK_ARRAY_KEY: packed})
-        extra = {DOWNLINK_CODEC_KEY: self.codec, DOWNLINK_ANCHOR_KEY: anchor.version,
-                 DOWNLINK_TARGET_KEY: target}
+        record = delta_record(packed)
+        fields = DownlinkFields(self.codec, anchor.version, target)
         for msg in group:
-            self._rewrite(msg, record, extra)
+            self._rewrite(msg, record, fields)
             node = msg.metadata.dst_node_id
             stats.delta_messages += 1
             stats.delta_bytes += len(packed.data)
@@ -247,20 +234,22 @@ class DownlinkCompressor:
             stats.targets[node] = target
 
     @staticmethod
-    def _rewrite(msg: Message, arrays: ArrayRecord | None, extra: Mapping[str, str]) -> None:
-        """Give `msg` its own content: a copy of the config plus `extra`, and `arrays`."""
+    def _rewrite(msg: Message, arrays: ArrayRecord | None, fields: DownlinkFields) -> None:
+        """Give `msg` its own content: a copy of the config plus `fields`, and `arrays`."""
+        extra = fields.to_config()
         content = RecordDict()
-        config = _first_of(msg.content, ConfigRecord)
-        array_key = (_first_of(msg.content, ArrayRecord) or ("arrays", None))[0]
+        config = config_record(msg.content)
+        model = model_record(msg.content)
+        array_key = model[0] if model is not None else ARRAYS_RECORD
         for key, record in msg.content.items():
             if config is not None and key == config[0]:
-                content[key] = ConfigRecord({**dict(record), **extra})
+                content[key] = ConfigRecord({**dict(config[1]), **extra})
             elif arrays is not None and key == array_key:
                 content[key] = arrays
             else:
                 content[key] = record
         if config is None:
-            content["config"] = ConfigRecord(dict(extra))
+            content[CONFIG_RECORD] = ConfigRecord(dict(extra))
         msg.content = content
 
     @staticmethod
@@ -269,7 +258,7 @@ class DownlinkCompressor:
 
     @staticmethod
     def _round_of(msg: Message) -> int:
-        found = _first_of(msg.content, ConfigRecord)
+        found = config_record(msg.content)
         value = found[1].get("server-round", 0) if found else 0
         return int(value) if isinstance(value, int | float) else 0
 
@@ -300,11 +289,7 @@ class DownlinkCompressor:
         """Record the anchor a reply says its node holds (none: the next send is plain)."""
         node = int(reply.metadata.src_node_id)
         self.seen.add(node)
-        held = ""
-        if not reply.has_error() and reply.has_content():
-            record = reply.content.get(REPLY_RECORD_KEY)
-            if isinstance(record, ConfigRecord):
-                held = str(record.get(REPLY_HELD_KEY, ""))
+        held = held_of(reply.content) if not reply.has_error() and reply.has_content() else ""
         if held and held in self.anchors:
             self.holders[node] = held
             self.plain_only.discard(node)

@@ -37,8 +37,9 @@ from typing import Any
 
 from flwr.app import Message, RecordDict
 
-from fedge.server import flower_compat as fc
+from fedge.common import flower_compat as fc
 from fedge.server.fleet import Fleet, TaskPayload
+from fedge.server.flower_compat import make_run, set_task_identity
 from fedge.server.run_grid import RunGrid
 from fedge.server.store import Store, StoreError, TaskState
 
@@ -112,7 +113,7 @@ class GrpcGrid(RunGrid):
         self.default_timeout = float(default_timeout)
         self._model_version = model_version
         self._clock = clock
-        self._run = fc.make_run(run_id, dict(device_run_config or {}))
+        self._run = make_run(run_id, dict(device_run_config or {}))
         self._run_config_json = json.dumps(dict(device_run_config or {}), sort_keys=True)
         self._cond = threading.Condition()
         self._inbox: dict[str, _Arrived] = {}
@@ -123,7 +124,7 @@ class GrpcGrid(RunGrid):
         # round -> task id -> (device id, message type): who was asked, for the audit lists
         self._round_tasks: dict[int, dict[str, tuple[str, str]]] = {}
         self._stopped = threading.Event()
-        fc.set_task_identity(run_id)
+        set_task_identity(run_id)
 
     # ------------------------------------------------------------ Grid API
 

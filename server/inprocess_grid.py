@@ -31,7 +31,8 @@ from uuid import uuid4
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedge.server import flower_compat as fc
+from fedge.common import flower_compat as fc
+from fedge.server.flower_compat import SERVER_NODE_ID, Run, make_run, set_task_identity
 from fedge.server.run_grid import RunGrid
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class InProcessGrid(RunGrid):
         self.serialize = serialize
         self.stream_replies = stream_replies
         self.wire = WireStats()
-        self._run = fc.make_run(run_id, self.run_config)
+        self._run = make_run(run_id, self.run_config)
         self._pending: dict[str, _Pending] = {}
         self._nodes: dict[int, VirtualNode] = {}
         rng = random.Random(seed)
@@ -131,7 +132,7 @@ class InProcessGrid(RunGrid):
             app = clients[i] if clients is not None else client
             self._nodes[node_id] = VirtualNode(node_id, app, ctx)  # type: ignore[arg-type]
         # Messages built by a strategy read the sender identity from here.
-        fc.set_task_identity(run_id)
+        set_task_identity(run_id)
 
     # ------------------------------------------------------------ nodes
 
@@ -165,7 +166,7 @@ class InProcessGrid(RunGrid):
 
     # ------------------------------------------------------------ Grid API
 
-    def _adopted(self, run: fc.Run) -> None:
+    def _adopted(self, run: Run) -> None:
         for node in self._nodes.values():
             node.context.run_id = run.run_id
 
@@ -263,7 +264,7 @@ def _fresh_node_id(rng: random.Random, taken: Mapping[int, object]) -> int:
     """A random positive 63-bit id, like a SuperLink's, never the server's own id."""
     while True:
         node_id = rng.getrandbits(63)
-        if node_id > fc.SERVER_NODE_ID and node_id not in taken:
+        if node_id > SERVER_NODE_ID and node_id not in taken:
             return node_id
 
 
@@ -288,7 +289,7 @@ def run_server_app_inprocess(
     run = grid.run
     run.override_config = dict(config)
     grid.set_run(run)
-    fc.set_task_identity(run.run_id, fc.SERVER_NODE_ID, task_id=1)
+    set_task_identity(run.run_id, SERVER_NODE_ID, task_id=1)
     context = Context(
         run_id=run.run_id,
         node_id=0,

@@ -11,26 +11,24 @@ count why, and carry on with the rest.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from google.protobuf.message import DecodeError
 
+from fedge.common.contract import UPDATE_KEY
 from fedge.common.errors import UpdateRejected
-from fedge.common.update_array import UPDATE_KEY, packed_bytes
+from fedge.common.records import records_of
+from fedge.common.update_array import packed_bytes
 from fedge.common.update_codec import decode_update
 from fedge.v1 import update_pb2
 
-#: Key of the single uint8 array that carries a serialized ModelUpdate.
 #: Elements per finiteness check: a 256 KiB boolean temporary, not one the size of the tensor.
 FINITE_CHUNK = 1 << 18
 
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
-R = TypeVar("R", ArrayRecord, MetricRecord)
 
 
 @dataclass
@@ -52,40 +50,9 @@ def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:
     return {k: (tuple(int(s) for s in v.shape), np.dtype(v.dtype)) for k, v in arrays.items()}
 
 
-#: 128 bits of SHA-256 name a model version: collisions are out of reach, and every
-#: update carries it, so the other half would cost 32 bytes of uplink each time
-VERSION_HEX_CHARS = 32
-
-
-def content_version(arrays: Mapping[str, np.ndarray]) -> str:
-    """A content hash of model weights (names, dtypes, shapes, bytes), 128-bit hex SHA-256.
-
-    Sent as `fedge.base-version` so a delta is only ever added to the model it
-    was taken against.
-    """
-    h = hashlib.sha256()
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes(order="C") if not a.flags.c_contiguous else a.data)
-    return h.hexdigest()[:VERSION_HEX_CHARS]
-
-
 def is_compressed(record: ArrayRecord) -> bool:
     """True when the record is a fedge-encoded update (a single `fedge.update` array)."""
     return len(record) == 1 and UPDATE_KEY in record
-
-
-def records_of(content: RecordDict, kind: type[R]) -> dict[str, R]:
-    """The records of one kind in `content`, by key.
-
-    Use this, not `RecordDict.array_records` / `.metric_records`: in flwr 1.42
-    those build a `_SyncedDict` that references itself (through its bound
-    `check_value`), a cycle only the cyclic GC frees. Every reply touched that
-    way keeps its arrays alive until the next full enough collection, which
-    while streaming 200 replies meant tens of extra replies resident.
-    """
-    return {k: v for k, v in content.items() if isinstance(v, kind)}
 
 
 def reply_bytes(message: Message) -> int:

@@ -51,6 +51,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedge.common.arrays import arrays_to_record, model_to_arrays, record_to_model
+from fedge.common.contract import FINAL_ARRAYS_STATE_KEY, REPORT_STATE_KEY, RESET_RESIDUAL_KEY
 from fedge.common.snapshot import snapshot_to_arrays
 from fedge.common.task import Task, resolve_task
 from fedge.common.training import evaluate
@@ -163,7 +164,7 @@ def train_config(cfg: ServerConfig, task: Task) -> ConfigRecord:
     config.update({k: v for k, v in chosen.items() if v is not None})
     config["torch-threads"] = cfg.torch_threads
     if cfg.reset_residual:
-        config["fedge.reset-residual"] = True
+        config[RESET_RESIDUAL_KEY] = True
     return ConfigRecord(config)
 
 
@@ -362,9 +363,9 @@ def make_server_app(
         report = ConfigRecord({"rounds": [json.dumps(r.to_dict()) for r in recorder.rounds]})
         if recorder.initial is not None:
             report["initial-loss"], report["initial-accuracy"] = recorder.initial
-        context.state["fedge.report"] = report
+        context.state[REPORT_STATE_KEY] = report
         if len(result.arrays) > 0:
-            context.state["fedge.final-arrays"] = result.arrays
+            context.state[FINAL_ARRAYS_STATE_KEY] = result.arrays
 
     return server_app
 

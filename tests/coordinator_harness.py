@@ -17,12 +17,12 @@ import grpc
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedge.common import flower_compat as fc
 from fedge.common.chunking import iter_chunks, sha256_hex
+from fedge.common.flower_compat import ProtoMessage
 from fedge.common.snapshot import arrays_to_snapshot
-from fedge.server import flower_compat as fc
 from fedge.server.coordinator_service import CoordinatorService, ServiceSettings
 from fedge.server.fleet import Fleet
-from fedge.server.flower_compat import ProtoMessage
 from fedge.server.grpc_grid import GrpcGrid
 from fedge.server.model_store import ModelStore
 from fedge.server.store import Store

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from fedge.common.chunking import STATUS_BY_REASON, Assembler, ChunkError, sha256_hex
-from fedge.server.flower_compat import message_from_bytes
+from fedge.common.contract import FLOWER_MESSAGE_FORMAT, PROTOCOL_VERSION
+from fedge.common.flower_compat import message_from_bytes
 from fedge.v1 import coordinator_pb2 as pb
 from fedge.v1 import coordinator_pb2_grpc as pb_grpc
-
-PAYLOAD_FORMAT = "flwr.proto.Message"
 
 
 @dataclass
@@ -124,7 +123,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             message_type=message_type,
             total_size=len(payload),
             sha256=sha256_hex(payload),
-            payload_format=PAYLOAD_FORMAT,
+            payload_format=FLOWER_MESSAGE_FORMAT,
             timeout_s=timeout_s,
             max_result_bytes=self.max_result_bytes,
             run_config_json=run_config_json,
@@ -179,7 +178,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             heartbeat_interval_s=self.heartbeat_interval_s,
             chunk_size=self.chunk_size,
             max_result_bytes=self.max_result_bytes,
-            protocol_version=1,
+            protocol_version=PROTOCOL_VERSION,
         )
 
     async def Heartbeat(self, request, context):

@@ -36,17 +36,18 @@ from flwr.serverapp.strategy import (
 
 from fedge.client.client_app import make_client_app
 from fedge.client.compression_mod import compression_mod
-from fedge.common.update_array import UPDATE_KEY, pack_update
-from fedge.common.update_codec import encode_update
-from fedge.server.compressed_strategy import (
+from fedge.common.contract import (
     BASE_VERSION_KEY,
     CODEC_KEY,
+    REPORT_STATE_KEY,
     RUN_ID_KEY,
-    CompressedStrategy,
-    uses_fedavg_mean,
+    UPDATE_KEY,
 )
+from fedge.common.model_version import model_version
+from fedge.common.update_array import pack_update
+from fedge.common.update_codec import encode_update
+from fedge.server.compressed_strategy import CompressedStrategy, uses_fedavg_mean
 from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
-from fedge.server.reply_decoder import content_version
 from fedge.server.round_metrics import RoundMetrics
 from fedge.server.server_app import make_server_app
 from fedge.server.streaming_mean import StreamingMean
@@ -175,7 +176,7 @@ def test_config_injection_and_downlink_bytes() -> None:
         messages = list(wrapper.configure_train(rnd, _record(GLOBAL), config, grid))
         cfg = messages[0].content["config"]
         assert cfg[CODEC_KEY] == ("int8" if rnd == 1 else "int4:block=64")
-        assert cfg[BASE_VERSION_KEY] == content_version(GLOBAL)
+        assert cfg[BASE_VERSION_KEY] == model_version(GLOBAL)
         assert cfg[RUN_ID_KEY] == "run-9" and cfg["lr"] == 0.1 and cfg["server-round"] == rnd
         model_bytes = sum(len(a.data) for a in _record(GLOBAL).values())
         assert wrapper.traffic(rnd).downlink_bytes == 3 * model_bytes
@@ -234,8 +235,8 @@ def _packed(data: bytes) -> ArrayRecord:
 
 def _encoded(arrays, cfg, **overrides) -> bytes:
     kwargs = {
-        "run_id": cfg["fedge.run-id"], "round": cfg["server-round"],
-        "base_version": cfg["fedge.base-version"], "num_examples": 10, "is_delta": True,
+        "run_id": cfg[RUN_ID_KEY], "round": cfg["server-round"],
+        "base_version": cfg[BASE_VERSION_KEY], "num_examples": 10, "is_delta": True,
     }
     kwargs.update(overrides)
     delta = {k: np.asarray(STEPS[0][k]) for k in arrays}
@@ -344,7 +345,7 @@ def test_wrapped_strategies_lower_the_loss_on_digits(strategy: str) -> None:
     }
     grid = InProcessGrid(make_client_app(mods=[compression_mod]), 5, run_config=run_config)
     ctx = run_server_app_inprocess(app, grid)
-    initial = float(ctx.state["fedge.report"]["initial-loss"])
+    initial = float(ctx.state[REPORT_STATE_KEY]["initial-loss"])
     assert [r.round for r in rounds] == [1, 2]
     assert all(r.rejected == 0 and r.accepted == 5 for r in rounds)
     assert rounds[1].loss < rounds[0].loss < initial

@@ -17,13 +17,8 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fedge.client.client_app import make_client_app
-from fedge.client.compression_mod import (
-    RESIDUAL_STATE_KEY,
-    UPDATE_KEY,
-    compression_mod,
-    make_compression_mod,
-)
-from fedge.common.update_array import UPDATE_STYPE
+from fedge.client.compression_mod import compression_mod, make_compression_mod
+from fedge.common.contract import RESIDUAL_STATE_KEY, UPDATE_KEY, UPDATE_STYPE
 from fedge.common.update_codec import decode_update
 from fedge.server.flower_compat import set_task_identity
 from fedge.server.inprocess_grid import InProcessGrid

@@ -11,27 +11,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 import fedge.server.server_app as server_app_module
 from fedge.client.client_app import make_client_app
 from fedge.client.compression_mod import compression_mod
-from fedge.client.downlink_cache import (
-    ANCHOR_STATE_KEY,
-    DownlinkError,
-    held_version,
-    receive,
-)
+from fedge.client.downlink_cache import DownlinkError, held_version, receive
 from fedge.common.arrays import arrays_to_record
-from fedge.common.downlink import (
+from fedge.common.contract import (
+    ANCHOR_STATE_KEY,
     DOWNLINK_ANCHOR_KEY,
     DOWNLINK_ARRAY_KEY,
     DOWNLINK_CODEC_KEY,
     DOWNLINK_TARGET_KEY,
     ZERO_ANCHOR,
+)
+from fedge.common.downlink import (
+    DownlinkFields,
     apply_model_delta,
     encode_model_delta,
-    model_version,
+    held_of,
+    tag_held,
 )
+from fedge.common.model_version import model_version
 from fedge.server.downlink import DownlinkCompressor, downlink_from_config
 from fedge.server.flower_compat import set_task_identity
 from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
-from fedge.server.reply_decoder import content_version
 from fedge.server.round_metrics import RoundMetrics
 from fedge.server.server_app import make_server_app
 
@@ -48,9 +48,32 @@ TARGET = {
 }
 
 
-def test_model_version_is_the_coordinators_base_version() -> None:
-    assert model_version(ANCHOR) == content_version(ANCHOR)
+def test_model_version_is_pinned_on_the_wire() -> None:
+    # devices and coordinators of different fedge versions must name a model alike:
+    # names, dtypes, shapes and bytes in order, 128 bits of SHA-256 (docs/CONTRACTS.md)
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    n = np.array([3], dtype=np.int64)
+    assert model_version({"w": w, "n": n}) == "23cb3e507305cff75b2505745e54145c"
+    assert model_version({"n": n, "w": w}) == "0093162e3df22e29b801199f28f262d2"
+    assert model_version({"w": np.asfortranarray(w)}) == model_version({"w": w})
     assert model_version(TARGET) != model_version(ANCHOR)
+
+
+def test_downlink_fields_are_written_and_read_by_one_pair_of_functions() -> None:
+    fields = DownlinkFields("int8", "a" * 32, "b" * 32)
+    config = fields.to_config()
+    # the wire names are pinned: a device and a coordinator of other fedge versions read them
+    assert config == {"fedge.downlink-codec": "int8", "fedge.downlink-anchor": "a" * 32,
+                      "fedge.downlink-target": "b" * 32}
+    assert DownlinkFields.read({**config, "server-round": 3}) == fields
+    assert DownlinkFields("int8", "a" * 32).to_config().keys() == {
+        DOWNLINK_CODEC_KEY, DOWNLINK_ANCHOR_KEY}
+    assert DownlinkFields.read({DOWNLINK_CODEC_KEY: "none", DOWNLINK_ANCHOR_KEY: "x"}) is None
+    assert DownlinkFields.read({}) is None
+    reply = RecordDict()
+    assert held_of(reply) == ""
+    tag_held(reply, "c" * 32)
+    assert held_of(reply) == "c" * 32 and list(reply.keys()) == ["fedge.downlink"]
 
 
 def test_delta_rebuilds_close_to_target_and_deterministically() -> None:

@@ -46,9 +46,9 @@ from fedge.client.compression_mod import RESIDUAL_STATE_KEY, UPDATE_KEY, compres
 from fedge.client.device_state import DeviceFolder
 from fedge.client.edge_runtime import EdgeDevice
 from fedge.common.arrays import arrays_to_record, model_to_arrays
+from fedge.common.flower_compat import context_from_bytes, message_from_bytes, message_to_bytes
 from fedge.common.models import DigitsMLP
 from fedge.common.update_codec import decode_update
-from fedge.server.flower_compat import context_from_bytes, message_from_bytes, message_to_bytes
 
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}

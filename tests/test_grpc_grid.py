@@ -15,9 +15,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from fedge.client.client_app import make_client_app
 from fedge.client.compression_mod import compression_mod
+from fedge.common import flower_compat as fc
 from fedge.common.chunking import sha256_hex
-from fedge.server import flower_compat as fc
 from fedge.server.fleet import Fleet
+from fedge.server.flower_compat import set_task_identity
 from fedge.server.grpc_grid import GridStopped, GrpcGrid
 from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
 from fedge.server.server_app import make_server_app
@@ -82,11 +83,11 @@ def test_push_queues_tasks_and_skips_unknown_nodes(grid: GrpcGrid) -> None:
     assert json.loads(payload.run_config_json) == {"task": "t"}
     assert grid.store.get_round(RUN_ID, 1).status == RoundStatus.OPEN
     with pytest.raises(ValueError, match="run"):
-        fc.set_task_identity(99)
+        set_task_identity(99)
         try:
             grid.push_messages([_train(node)])
         finally:
-            fc.set_task_identity(RUN_ID)
+            set_task_identity(RUN_ID)
 
 
 def test_a_new_round_closes_the_previous_one(grid: GrpcGrid) -> None:

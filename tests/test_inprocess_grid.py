@@ -17,7 +17,8 @@ from flwr.app import (
 from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedge.server.flower_compat import SERVER_NODE_ID, ErrorCode
+from fedge.common.flower_compat import ErrorCode
+from fedge.server.flower_compat import SERVER_NODE_ID
 from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
 
 
