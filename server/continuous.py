@@ -26,7 +26,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+RoundTrigger = Literal["ready", "timer", "stopped"]
+"""Why `wait_for_round` returned: enough devices, the timer, or the coordinator stopping."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def wait_for_round(
     stopped: Callable[[], bool],
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Any] = time.sleep,
-) -> str:
+) -> RoundTrigger:
     """Block until a round should start; returns why ("ready", "timer") or "stopped"."""
     every_s = settings.every_minutes * 60.0
     while True:
