@@ -91,7 +91,7 @@ def gated(tmp_path: Path):
 
 def test_persist_closes_writes_commits_and_promotes(plain: Parts) -> None:
     plain.join("a", "b")
-    task_a, task_b = plain.task_round(1)
+    _, task_b = plain.task_round(1)
     plain.keeper.persist(plain.end(1, 1.0, 0.8, "a"))  # b never answered
     (rnd,) = plain.store.list_rounds(RUN_ID)
     assert rnd.status == RoundStatus.COMPLETED and rnd.metrics.accuracy == 0.8
