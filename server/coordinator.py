@@ -543,8 +543,11 @@ def _probe_ports(options: CoordinatorOptions) -> None:
                     continue  # a family this machine lacks (gRPC skips it too)
                 held.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # "" lists both wildcards: let them coexist
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
                     sock.bind(addr)
+                    sock.listen(1)  # a listener: the same port given twice collides
                 except OSError as e:
                     if e.errno in (errno.EADDRINUSE, errno.EACCES):
                         raise _cannot_listen(_address(host, port), flag,
