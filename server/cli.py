@@ -85,6 +85,7 @@ def run_command(
 
     from fedge.server.continuous import ContinuousSettings
     from fedge.server.coordinator import Coordinator, CoordinatorOptions
+    from fedge.server.run_plan import StartRefused
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -109,6 +110,7 @@ def run_command(
         insecure=insecure,
         enroll_port=enroll_port,
         run_config=config,
+        given_flags=_given_flags(run_config),
         min_devices=min_devices,
         chunk_size=chunk_size,
         max_result_bytes=max_result_bytes,
@@ -128,18 +130,43 @@ def run_command(
         print(line, flush=True)
 
     async def main() -> int:
-        coordinator = Coordinator(options, out=say)
+        try:  # a refused or failed start stores no run
+            coordinator = await Coordinator.start(options, out=say)
+        except StartRefused as e:
+            say(f"error: {e}")
+            return 2
+        except Exception as e:
+            say(f"error: cannot start the coordinator: {type(e).__name__}: {e}")
+            return 2
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, coordinator.request_stop)
-        try:
-            await coordinator.start()
-        except Exception as e:
-            say(f"error: cannot start the coordinator: {type(e).__name__}: {e}")
-            await coordinator.close()
-            return 2
         return await coordinator.run()
 
     code = asyncio.run(main())
     if code:
         raise typer.Exit(code)
+
+
+_FLAG_OF_KEY = {"task": "task", "codec": "codec", "strategy": "strategy", "num-rounds": "rounds",
+                "min-train-nodes": "min_train_nodes", "round-timeout": "round_timeout"}
+"""Run-config key -> the `run_command` parameter that sets it."""
+
+
+def _given_flags(run_config: list[str]) -> dict[str, str]:
+    """Run-config keys this command line sets, each with its flag: what a resume compares.
+
+    A flag left at its default is not given, so "the same command without
+    the differing flags" resumes the stored run.
+    """
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = {
+        key: "--" + param.replace("_", "-")
+        for key, param in _FLAG_OF_KEY.items()
+        if ctx.get_parameter_source(param) not in (None, ParameterSource.DEFAULT)
+    }
+    given.update({key: f"--run-config {key}" for key in parse_run_config(run_config)})
+    return given

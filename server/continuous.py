@@ -5,10 +5,11 @@ one-round ServerApp runs on the same `GrpcGrid`. Round `r` is the ServerApp
 with `first-round` = `num-rounds` = r and `initial-model` = the file of the
 registry's `current` version, so devices always train from `current` and a
 rejected candidate never becomes the base of the next round. The round ends
-in the coordinator's `_persist_round` as in a normal run (model written,
-round committed durably), then `Registry.gate(margin)` decides whether the
-new version becomes `current`; a refusal is logged with its reason and the
-version stays in the registry as `rejected`.
+in `RoundKeeper.persist` (`round_keeper.py`) as in a normal run (model
+written, round committed durably), then the keeper's gate
+(`Registry.gate(margin)`) decides whether the new version becomes `current`;
+a refusal is logged with its reason and the version stays in the registry as
+`rejected`.
 
 A round starts when at least `min_ready` training devices are live, or,
 with `every_minutes`, when that long has passed since the last round ended
@@ -26,7 +27,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+RoundTrigger = Literal["ready", "timer", "stopped"]
+"""Why `wait_for_round` returned: enough devices, the timer, or the coordinator stopping."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def wait_for_round(
     stopped: Callable[[], bool],
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Any] = time.sleep,
-) -> str:
+) -> RoundTrigger:
     """Block until a round should start; returns why ("ready", "timer") or "stopped"."""
     every_s = settings.every_minutes * 60.0
     while True:

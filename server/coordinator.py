@@ -1,40 +1,49 @@
 """The coordinator process: state, TLS, the gRPC service, and the ServerApp on a GrpcGrid.
 
 One coordinator serves one federation from one state folder
-(docs/coordinator.md, "State on disk"):
+(docs/coordinator.md, "State on disk"). `Coordinator.start` is the
+composition root: every part is built there, in this order, and a
+`Coordinator` exists only fully built:
 
-- **Start.** Open SQLite and the model store, drop partial uploads (their
-  rounds restart anyway), create or reuse the CA and server certificate
-  (TLS unless `insecure`), bind the gRPC server (127.0.0.1 by default).
-- **Run.** A new run stores its config and the task's initial model as
-  round 0. A run left `running` by an earlier process (a crash, `kill -9`)
-  is resumed instead: rounds continue at `current_round + 1` from the model
-  version SQLite names, with the run's stored config. The ServerApp from
-  `server_app.py` (the simulation's app) runs in a thread on the
-  `GrpcGrid` once `min_devices` devices are live.
-- **Each round** ends in `_persist_round`: the round is closed (late results
-  refused), the new global model written atomically to the model store, then
-  the round, its metrics, contributors and dropped devices committed in one
-  durable SQLite transaction. A crash leaves the run before or after a
-  round, never between.
+- **Plan.** Which run this start serves is decided by reading the state
+  only (`run_plan.py`): the run an earlier process left `running` (a crash,
+  `kill -9`) is resumed at `current_round + 1` from the model version SQLite
+  names, with its stored config; flags that differ from that config are
+  refused in one line (exit 2). Otherwise a new run is planned.
+- **Serve.** Every port the coordinator needs is probed before anything is
+  written; then SQLite and the model store are opened, partial uploads
+  dropped (their rounds restart anyway), the CA and server certificate
+  created or reused (TLS unless `insecure`), and the gRPC service (and the
+  enrollment port, the HTTP API) bound and started.
+- **Store the run.** Only now, serving, is the plan written: a new run's
+  config and initial model (round 0), or old runs marked stopped
+  (`--new-run`). A start that fails leaves no run behind.
+- **Run.** The ServerApp from `server_app.py` (the simulation's app) runs in
+  a thread on the `GrpcGrid` once `min_devices` devices are live. Each round
+  ends in `RoundKeeper.persist` (`round_keeper.py`): closed, its model
+  written, committed durably, then promoted (or gated, `--continuous`).
 - **End.** The run is marked completed and the process exits 0, or keeps
-  serving (`keep_serving`) until stopped. `request_stop` (SIGTERM/SIGINT)
-  stops the ServerApp at its next Grid call and leaves the run resumable.
+  serving (`keep_serving`) until stopped. A run in which no round
+  aggregated anything exits 1 with the first device error in one line.
+  `request_stop` (SIGTERM/SIGINT) stops the ServerApp at its next Grid call
+  and leaves the run resumable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
-import secrets
 import shutil
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 
@@ -50,10 +59,18 @@ from fedge.server.grpc_grid import GridStopped, GrpcGrid
 from fedge.server.metrics import Metrics
 from fedge.server.model_store import ModelStore
 from fedge.server.registry import Registry
+from fedge.server.result_intake import ResultIntake
+from fedge.server.round_keeper import RoundKeeper
 from fedge.server.round_metrics import RoundMetrics
-from fedge.server.store import Run, RunStatus, Store
-from fedge.server.tls import ensure_server_tls, server_credentials
+from fedge.server.run_plan import RunPlan, StartRefused, plan_run
+from fedge.server.store import RoundStatus, RunStatus, Store
+from fedge.server.tls import TlsPaths, ensure_server_tls, server_credentials
 from fedge.v1 import coordinator_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from flwr.serverapp import ServerApp
+
+    from fedge.server.http_api import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +91,10 @@ _GRPC_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 0),
 ]
 
+RunOutcome = Literal["finished", "idle", "failed", "stopped"]
+"""How the ServerApp's run ended: all rounds done; done but no round aggregated anything;
+the app raised; the coordinator was stopped."""
+
 
 @dataclass
 class CoordinatorOptions:
@@ -85,6 +106,9 @@ class CoordinatorOptions:
     insecure: bool = False
     enroll_port: int | None = None  # TLS mode: None -> 0 (free) if port is 0, else 9095
     run_config: dict[str, Any] = field(default_factory=dict)
+    # run-config key -> the flag that set it on this command line: what a resume compares
+    # with the stored run (None: every key of run_config)
+    given_flags: dict[str, str] | None = None
     min_devices: int = 2
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
@@ -97,256 +121,210 @@ class CoordinatorOptions:
     http_host: str = "127.0.0.1"
     continuous: ContinuousSettings | None = None  # rounds without end, gated promotion
 
+    @property
+    def enrollment_port(self) -> int:
+        """The enrollment port to bind (TLS mode): as given, else free with --port 0, else 9095."""
+        if self.enroll_port is not None:
+            return self.enroll_port
+        return 0 if self.port == 0 else DEFAULT_ENROLL_PORT
 
-@dataclass
-class _RoundAudit:
-    contributors: list[str]
-    dropped: list[str]
+
+@dataclass(frozen=True)
+class _Servers:
+    """What listens: the device port, and in TLS mode the enrollment port, maybe the HTTP API."""
+
+    grpc: grpc.aio.Server
+    port: int
+    enrollment: grpc.aio.Server | None = None
+    enroll_port: int = 0
+    http: HttpServer | None = None
+    http_port: int = 0
+    ca_path: Path | None = None
 
 
 class Coordinator:
-    """`await start()` binds and prints the port; `await run()` serves until the run ends."""
+    """A serving coordinator with its run stored; built only by `await Coordinator.start()`.
 
-    def __init__(self, options: CoordinatorOptions, *, out: Callable[[str], None] = print) -> None:
+    `await run()` serves until the run ends and returns the exit code.
+    """
+
+    def __init__(
+        self,
+        options: CoordinatorOptions,
+        out: Callable[[str], None],
+        *,
+        plan: RunPlan,
+        store: Store,
+        models: ModelStore,
+        registry: Registry,
+        fleet: Fleet,
+        intake: ResultIntake,
+        service: CoordinatorService,
+        grid: GrpcGrid,
+        keeper: RoundKeeper,
+        metrics: Metrics,
+        servers: _Servers,
+    ) -> None:
         self.options = options
         self.out = out
-        self.state_dir = Path(options.state_dir)
-        self.port = 0
-        self.run_id = 0
-        self.first_round = 1
-        self.model_version = ""
-        self.run_config: dict[str, Any] = {}
-        self.ca_path: Path | None = None
-        self.store: Store | None = None
-        self.models: ModelStore | None = None
-        self.fleet: Fleet | None = None
-        self.grid: GrpcGrid | None = None
-        self.service: CoordinatorService | None = None
-        self._server: grpc.aio.Server | None = None
-        self._enroll_server: grpc.aio.Server | None = None
-        self.enroll_port = 0
-        self._thread: threading.Thread | None = None
+        self.run_id = plan.run_id
+        self.run_config = dict(plan.config)
+        self.first_round = plan.first_round
+        self.store = store
+        self.models = models
+        self.registry = registry
+        self.fleet = fleet
+        self.intake = intake
+        self.service = service
+        self.grid = grid
+        self.keeper = keeper
+        self.metrics = metrics
+        self._servers = servers
+        self.port = servers.port
+        self.enroll_port = servers.enroll_port
+        self.http_port = servers.http_port
+        self.ca_path = servers.ca_path
         self._stop = asyncio.Event()
-        self._outcome: asyncio.Future[str] | None = None
-        self._audit: dict[int, _RoundAudit] = {}
-        self._background: list[asyncio.Task] = []
-        self.registry: Registry | None = None
-        self.metrics = Metrics()
-        self.http: Any = None
-        self.http_port = 0
-        self._last_round_end = 0.0
+        self._thread: threading.Thread | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def model_version(self) -> str:
+        """The global model the next round starts from."""
+        return self.keeper.model_version
 
     # ------------------------------------------------------------ start
 
-    async def start(self) -> int:
-        """Open the state, resolve the run, bind the server; returns the bound port."""
-        opts = self.options
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store.open(self.state_dir / "fedge.db")
-        self.models = ModelStore(self.state_dir / "models")
-        uploads = self.state_dir / "uploads"
-        shutil.rmtree(uploads, ignore_errors=True)  # partial results of rounds that restart
-        self.registry = Registry(self.store, self.models)
-        self._resolve_run()
-        self.fleet = Fleet(heartbeat_interval_s=opts.heartbeat_interval_s)
-        self.fleet.bind_loop(asyncio.get_running_loop())
-        self.grid = GrpcGrid(
-            self.store,
-            self.fleet,
-            run_id=self.run_id,
-            device_run_config=device_run_config(self.run_config),
-            model_version=lambda: self.model_version,
-            default_timeout=float(self.run_config.get("round-timeout", 3600.0)),
-        )
-        self.service = CoordinatorService(
-            self.store,
-            self.fleet,
-            self.models,
-            uploads,
-            settings=ServiceSettings(
-                chunk_size=opts.chunk_size, max_result_bytes=opts.max_result_bytes
-            ),
-            model_version=self._served_version,
-            mtls=not opts.insecure,  # devices are who their client certificate says
-        )
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
-        pb_grpc.add_CoordinatorServicer_to_server(self.service, server)
-        address = _address(opts.host, opts.port)
-        if opts.insecure:
-            self.port = server.add_insecure_port(address)
-        else:
-            paths = ensure_server_tls(self.state_dir, self._hostnames())
-            self.ca_path = paths.ca_cert
-            self.port = server.add_secure_port(
-                address, server_credentials(paths, require_client_auth=True)
+    @classmethod
+    async def start(
+        cls, options: CoordinatorOptions, *, out: Callable[[str], None] = print
+    ) -> Coordinator:
+        """Plan the run, bind every port, then store the run; raises StartRefused (exit 2).
+
+        A refusal or a failure stores no run; what was started is stopped again.
+        """
+        state_dir = Path(options.state_dir)
+        plan = _plan(options, state_dir)  # reads the state only
+        _probe_ports(options)  # before anything is written under the state folder
+        async with contextlib.AsyncExitStack() as undo:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            store = Store.open(state_dir / "fedge.db")
+            undo.callback(store.close)
+            models = ModelStore(state_dir / "models")
+            registry = Registry(store, models)
+            uploads = state_dir / "uploads"
+            shutil.rmtree(uploads, ignore_errors=True)  # partial results of rounds that restart
+            fleet = Fleet(heartbeat_interval_s=options.heartbeat_interval_s)
+            fleet.bind_loop(asyncio.get_running_loop())
+            intake = ResultIntake(store, fleet)
+            metrics = Metrics()
+            keeper: RoundKeeper  # the grid reads its model version once serving
+            grid = GrpcGrid(
+                store,
+                fleet,
+                run_id=plan.run_id,
+                device_run_config=device_run_config(plan.config),
+                model_version=lambda: keeper.model_version,
+                default_timeout=float(plan.config.get("round-timeout", 3600.0)),
             )
-        if not self.port:
-            raise OSError(f"cannot bind {address}")
-        await server.start()
-        self._server = server
-        self._background.append(asyncio.create_task(self.service.flush_last_seen()))
-        if self.ca_path is not None:
-            self.out(f"TLS on: devices need --ca {self.ca_path}")
-        else:
-            self.out("TLS OFF (--insecure): traffic and session tokens travel in plaintext; "
-                     "no device identity (any caller can join and push results)")
-        self.out(f"listening on {_address(opts.host, self.port)}")
-        self._background.append(asyncio.create_task(self._watch_devices()))
-        if opts.http_port is not None:
-            self._start_http()
-        if not opts.insecure:
-            await self._start_enrollment(paths)
-        return self.port
-
-    async def _start_enrollment(self, paths: Any) -> None:
-        """The enrollment port (server TLS only) next to the mTLS device port."""
-        from fedge.server.enrollment_service import EnrollmentService, start_enrollment_server
-
-        opts = self.options
-        port = opts.enroll_port
-        if port is None:
-            port = 0 if opts.port == 0 else DEFAULT_ENROLL_PORT
-        assert self.store is not None
-        service = EnrollmentService(self.store, paths, device_port=self.port)
-        self._enroll_server, self.enroll_port = await start_enrollment_server(
-            service, paths, host=opts.host, port=port
-        )
-        self.out(f"enrollment on {_address(opts.host, self.enroll_port)}")
-
-    def _served_version(self) -> str:
-        """What FetchModel without a version and heartbeats name: the registry's `current`."""
-        current = self.registry.current() if self.registry is not None else None
-        return current or self.model_version
-
-    def _start_http(self) -> None:
-        from fedge.server.http_api import HttpServer, make_http_app
-
-        assert self.registry is not None
-        opts = self.options
-        self.http = HttpServer(
-            make_http_app(self.registry, self.metrics), host=opts.http_host,
-            port=int(opts.http_port or 0),
-        )
-        self.http_port = self.http.start()
-        self.out(f"HTTP API on http://{_address(opts.http_host, self.http_port)}")
+            undo.callback(grid.stop)
+            keeper = RoundKeeper(
+                store, models, registry, grid, metrics,
+                run_id=plan.run_id, task_ref=str(plan.config.get("task", "digits")),
+                model_version=plan.model_version, gate=options.continuous, out=out,
+            )
+            service = CoordinatorService(
+                store,
+                fleet,
+                models,
+                uploads,
+                settings=ServiceSettings(
+                    chunk_size=options.chunk_size, max_result_bytes=options.max_result_bytes
+                ),
+                # what FetchModel without a version and heartbeats name: the registry's current
+                model_version=lambda: registry.current() or keeper.model_version,
+                mtls=not options.insecure,  # devices are who their client certificate says
+                intake=intake,
+            )
+            servers = await _serve(options, service, store, metrics, registry, out, undo)
+            plan.commit(store, models)  # serving: now the run exists
+            out(plan.describe())
+            coordinator = cls(
+                options, out, plan=plan, store=store, models=models, registry=registry,
+                fleet=fleet, intake=intake, service=service, grid=grid, keeper=keeper,
+                metrics=metrics, servers=servers,
+            )
+            undo.pop_all()
+        coordinator._background += [
+            asyncio.create_task(service.flush_last_seen()),
+            asyncio.create_task(coordinator._watch_devices()),
+        ]
+        return coordinator
 
     async def _watch_devices(self, every_s: float = 1.0) -> None:
         while True:
-            if self.fleet is not None:
-                self.metrics.set_devices_connected(len(self.fleet.live_node_ids(training=False)))
+            self.metrics.set_devices_connected(len(self.fleet.live_node_ids(training=False)))
             await asyncio.sleep(every_s)
-
-    def _hostnames(self) -> list[str]:
-        names = list(self.options.tls_hostnames)
-        if self.options.host not in ("0.0.0.0", "::", ""):
-            names.insert(0, self.options.host)
-        else:
-            names.append(socket.gethostname())
-        for name in ("localhost", "127.0.0.1"):
-            if name not in names:
-                names.append(name)
-        return names
-
-    def _resolve_run(self) -> None:
-        """Resume the run an earlier process left running, or create a new one."""
-        assert self.store is not None and self.models is not None
-        store, opts = self.store, self.options
-        run = None if opts.new_run else store.latest_run(RunStatus.RUNNING)
-        if opts.new_run:
-            for old in store.list_runs(RunStatus.RUNNING):
-                store.set_run_status(old.id, RunStatus.STOPPED)
-        if run is None:
-            run = self._create_run(dict(opts.run_config))
-            self.out(f"run {run.id}: new, {_describe(run.config)}")
-        else:
-            self.models.verify(run.model_version or "")
-            self.out(
-                f"run {run.id}: resuming after round {run.current_round} "
-                f"(model {run.model_version[:12]}), {_describe(run.config)}"
-            )
-        self.run_id = run.id
-        self.run_config = dict(run.config)
-        self.first_round = run.current_round + 1
-        self.model_version = run.model_version or ""
-        if self.options.continuous is not None and self.registry is not None:
-            current = self.registry.current()
-            if current:  # continuous rounds train from `current`, not the last candidate
-                self.model_version = current
-
-    def _create_run(self, config: dict[str, Any]) -> Run:
-        from fedge.common.arrays import model_to_arrays
-        from fedge.common.task import resolve_task
-
-        assert self.store is not None and self.models is not None
-        task_ref = str(config.get("task", "digits"))
-        task = resolve_task(task_ref)
-        while True:
-            run_id = secrets.randbits(63)
-            if run_id > 0 and self.store.get_run(run_id) is None:
-                break
-        version = self.models.put(
-            _snapshot_bytes(model_to_arrays(task.make_model()), task_ref)
-        )
-        return self.store.create_run(run_id, config, model_version=version)
 
     # ------------------------------------------------------------ run
 
     async def run(self) -> int:
         """Run the ServerApp to the end of the run (or until stopped); returns an exit code."""
-        assert self.store is not None
         loop = asyncio.get_running_loop()
-        self._outcome = loop.create_future()
+        ended: asyncio.Future[RunOutcome] = loop.create_future()
         num_rounds = int(self.run_config.get("num-rounds", 3))
         if self.first_round > num_rounds and self.options.continuous is None:
             self.store.set_run_status(self.run_id, RunStatus.COMPLETED)
             self.out(f"run {self.run_id}: already finished ({num_rounds} rounds)")
-            self._outcome.set_result("finished")
+            ended.set_result("finished")
         else:
             self._thread = threading.Thread(
-                target=self._app_thread, args=(loop,), name="fedge-serverapp", daemon=True
+                target=self._app_thread, args=(loop, ended), name="fedge-serverapp", daemon=True
             )
             self._thread.start()
         stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({self._outcome, stop}, return_when=asyncio.FIRST_COMPLETED)
-        outcome = self._outcome.result() if self._outcome.done() else "stopped"
-        if outcome == "finished" and self.options.keep_serving and not self._stop.is_set():
+        either: set[asyncio.Future[Any]] = {ended, stop}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        outcome: RunOutcome = ended.result() if ended.done() else "stopped"
+        ran_out = outcome in ("finished", "idle")
+        if ran_out and self.options.keep_serving and not self._stop.is_set():
             self.out("serving on (--keep-serving); stop with Ctrl-C or SIGTERM")
             await stop
         stop.cancel()
         await self.close()
-        return EXIT_FAILED if outcome == "failed" else EXIT_OK
+        return EXIT_FAILED if outcome in ("failed", "idle") else EXIT_OK
 
     def request_stop(self) -> None:
         """Stop soon (a signal handler may call this); an unfinished run stays resumable."""
         self._stop.set()
 
     async def close(self) -> None:
-        """Stop the ServerApp and the server, then close the state."""
-        if self.grid is not None:
-            self.grid.stop()
-        if self.http is not None:
-            await asyncio.to_thread(self.http.stop)
-            self.http = None
+        """Stop the ServerApp and the servers, then close the state."""
+        if self._closed:
+            return
+        self._closed = True
+        servers = self._servers
+        self.grid.stop()
+        if servers.http is not None:
+            await asyncio.to_thread(servers.http.stop)
         for task in self._background:
             task.cancel()
-        if self._enroll_server is not None:
-            await self._enroll_server.stop(None)
-            self._enroll_server = None
-        if self._server is not None:
-            await self._server.stop(self.options.grace_s)
-            self._server = None
+        if servers.enrollment is not None:
+            await servers.enrollment.stop(None)
+        await servers.grpc.stop(self.options.grace_s)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
-        if self.store is not None and (self._thread is None or not self._thread.is_alive()):
-            if self.fleet is not None:
-                touched = self.fleet.take_touched()
-                if touched:
-                    self.store.touch_devices(touched)
+        if self._thread is None or not self._thread.is_alive():
+            touched = self.fleet.take_touched()
+            if touched:
+                self.store.touch_devices(touched)
             self.store.close()
-            self.store = None
 
-    def _app_thread(self, loop: asyncio.AbstractEventLoop) -> None:
-        outcome = "failed"
+    def _app_thread(
+        self, loop: asyncio.AbstractEventLoop, ended: asyncio.Future[RunOutcome]
+    ) -> None:
+        outcome: RunOutcome = "failed"
         try:
             outcome = self._run_app()
         except GridStopped:
@@ -354,21 +332,18 @@ class Coordinator:
         except Exception as e:
             log.exception("the ServerApp failed")
             self.out(f"run {self.run_id}: FAILED: {type(e).__name__}: {e}")
-            if self.store is not None:
-                self.store.set_run_status(self.run_id, RunStatus.FAILED)
+            self.store.set_run_status(self.run_id, RunStatus.FAILED)
         finally:
-            if self._outcome is not None:
-                loop.call_soon_threadsafe(_resolve, self._outcome, outcome)
+            loop.call_soon_threadsafe(_resolve, ended, outcome)
 
-    def _run_app(self) -> str:
+    def _run_app(self) -> RunOutcome:
         from flwr.app import Context, RecordDict
 
         from fedge.server.server_app import make_server_app
 
-        assert self.grid is not None and self.store is not None and self.models is not None
-        app = make_server_app(on_round_end=[self._persist_round], listeners=[self._print_round])
+        app = make_server_app(on_round_end=[self.keeper.persist], listeners=[self._print_round])
         if self.options.continuous is not None:
-            return self._run_continuous(app)
+            return self._run_continuous(app, self.options.continuous)
         config = {
             **self.run_config,
             "first-round": self.first_round,
@@ -384,16 +359,17 @@ class Coordinator:
         )
         app(self.grid, context)
         self.store.set_run_status(self.run_id, RunStatus.COMPLETED)
+        if not self._aggregated_anything():
+            self.out(f"run {self.run_id}: FAILED: no round aggregated an update; "
+                     f"{self._first_error()}")
+            return "idle"
         self.out(f"run {self.run_id}: finished ({num_rounds} rounds, model {self.model_version})")
         return "finished"
 
-    def _run_continuous(self, app: Any) -> str:
+    def _run_continuous(self, app: ServerApp, settings: ContinuousSettings) -> RunOutcome:
         """Rounds without end, one one-round ServerApp run each, from `current` (continuous.py)."""
         from flwr.app import Context, RecordDict
 
-        assert self.grid is not None and self.models is not None
-        settings = self.options.continuous
-        assert settings is not None
         grid = self.grid
         min_train = int(self.run_config.get("min-train-nodes", 2))
         self.out(
@@ -401,17 +377,17 @@ class Coordinator:
             + (f" or every {settings.every_minutes:g} min" if settings.every_minutes else "")
             + f"; promotion margin {settings.promote_margin:g} ({settings.metric})"
         )
-        self._last_round_end = time.monotonic()
+        last_round_end = time.monotonic()
         server_round = self.first_round
         while True:
             why = wait_for_round(
-                lambda: len(grid.get_node_ids()), settings, min_train_nodes=min_train,
-                last_round_end=self._last_round_end, stopped=grid._stopped.is_set,
+                lambda: len(list(grid.get_node_ids())), settings, min_train_nodes=min_train,
+                last_round_end=last_round_end, stopped=lambda: grid.stopped,
             )
             if why == "stopped":
                 raise GridStopped("the coordinator is stopping")
             base = self.model_version
-            last = self.store.get_run(self.run_id) if self.store is not None else None
+            last = self.store.get_run(self.run_id)
             config = round_config(
                 self.run_config, server_round, str(self.models.path(base)),
                 reset_residual=last is not None and (last.model_version or base) != base,
@@ -422,66 +398,35 @@ class Coordinator:
                 run_config=config,
             )
             app(grid, context)
-            self._last_round_end = time.monotonic()
+            last_round_end = time.monotonic()
             server_round += 1
 
-    def _persist_round(self, end: Any) -> None:
-        """Close the round, write the new model, commit the round: the durable step."""
-        assert self.grid is not None and self.store is not None and self.models is not None
-        record: RoundMetrics = end.metrics
-        server_round = record.round
-        self.grid.end_round(server_round)
-        arrays = {k: a.numpy() for k, a in end.arrays.items()}
-        task = str(self.run_config.get("task", "digits"))
-        version = self.models.put(_snapshot_bytes(arrays, task))
-        contributors = [d for d in map(self.grid.device_of_node, end.accepted_nodes) if d]
-        dropped = [d for d in self.grid.tasked_devices(server_round) if d not in contributors]
-        self.store.complete_round(
-            self.run_id,
-            server_round,
-            model_version=version,
-            metrics=record,
-            contributors=contributors,
-            dropped=dropped,
-            # continuous: the round trained from `current`, not from the last candidate
-            parent_version=self.model_version if self.options.continuous else None,
-        )
-        self.model_version = version
-        self._audit[server_round] = _RoundAudit(contributors, dropped)
-        self._register(version, record)
+    # ------------------------------------------------------------ reporting
 
-    def _register(self, version: str, record: RoundMetrics) -> None:
-        """The registry and metrics after a committed round: evaluation, then promote or gate."""
-        registry, continuous = self.registry, self.options.continuous
-        assert registry is not None
-        evaluation = {k: v for k, v in (("accuracy", record.accuracy), ("loss", record.loss))
-                      if v is not None}
-        if evaluation:
-            registry.set_evaluation(version, evaluation)
-        self.metrics.add_bytes_in(record.uplink_bytes)
-        self.metrics.add_bytes_out(record.downlink_bytes)
-        if continuous is None:
-            registry.promote(version, reason=f"round {record.round}")
-        elif continuous.metric not in registry.get(version).evaluation:
-            registry.reject(version, f"round {record.round}: no {continuous.metric} to gate on")
-            self.out(f"round {record.round}: {version[:12]} not promoted (not evaluated)")
-        else:
-            decision = registry.gate(
-                version, margin=continuous.promote_margin, metric=continuous.metric
-            )
-            if decision.promoted:
-                self.out(f"round {record.round}: {version[:12]} promoted: {decision.reason}")
-            else:
-                log.warning("round %d: candidate %s rejected: %s", record.round, version[:12],
-                            decision.reason)
-                self.out(f"round {record.round}: {version[:12]} NOT promoted: {decision.reason}")
-        current = registry.current()
-        if continuous is not None and current:
-            self.model_version = current  # the next round trains from `current`
-        self.metrics.observe_round(record)
+    def _aggregated_anything(self) -> bool:
+        rounds = self.store.list_rounds(self.run_id)
+        return any(r.metrics.accepted > 0 for r in rounds if r.status == RoundStatus.COMPLETED)
+
+    def _first_error(self) -> str:
+        """The first thing a device got wrong in this run, as the end of one line."""
+        if self.intake.first_device_error is not None:
+            return f"first device error: {self.intake.first_device_error}"
+        rounds = self.store.list_rounds(self.run_id)
+        reasons: Counter[str] = Counter()
+        for r in rounds:
+            reasons.update(r.metrics.rejected_reasons)
+        if reasons:
+            dropped = ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common())
+            return f"every reply was dropped ({dropped}); rerun with --verbose for details"
+        silent = {d for r in rounds for d in r.dropped}
+        if silent:
+            timeout = self.run_config.get("round-timeout")
+            return (f"{len(silent)} device(s) sent no result within the round timeout "
+                    f"({timeout} s)")
+        return "no device was given a task"
 
     def _print_round(self, record: RoundMetrics) -> None:
-        audit = self._audit.get(record.round, _RoundAudit([], []))
+        audit = self.keeper.audit(record.round)
         num_rounds = int(self.run_config.get("num-rounds", 3))
         acc = "n/a" if record.accuracy is None else f"{record.accuracy:.4f}"
         rejected = f", {record.rejected} rejected" if record.rejected else ""
@@ -494,31 +439,156 @@ class Coordinator:
         )
 
 
+# ---------------------------------------------------------------- building
+
+
+def _plan(options: CoordinatorOptions, state_dir: Path) -> RunPlan:
+    """The run this start serves, from the state as it is (a fresh folder stays untouched)."""
+    db = state_dir / "fedge.db"
+    if not db.exists():
+        return plan_run(None, None, options.run_config, new_run=options.new_run,
+                        given_flags=options.given_flags)
+    with Store.open(db) as store:
+        models = ModelStore(state_dir / "models")
+        current = Registry(store, models).current() if options.continuous else None
+        return plan_run(
+            store, models, options.run_config, new_run=options.new_run,
+            given_flags=options.given_flags, current=current, state_dir=state_dir,
+        )
+
+
+async def _serve(
+    options: CoordinatorOptions,
+    service: CoordinatorService,
+    store: Store,
+    metrics: Metrics,
+    registry: Registry,
+    out: Callable[[str], None],
+    undo: contextlib.AsyncExitStack,
+) -> _Servers:
+    """Bind and start the device port, then the enrollment port and the HTTP API."""
+    server = grpc.aio.server(options=_GRPC_OPTIONS)
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    address = _address(options.host, options.port)
+    tls: TlsPaths | None = None
+    try:
+        if options.insecure:
+            port = server.add_insecure_port(address)
+        else:
+            tls = ensure_server_tls(options.state_dir, _hostnames(options))
+            port = server.add_secure_port(
+                address, server_credentials(tls, require_client_auth=True)
+            )
+    except RuntimeError as e:  # grpc: "Failed to bind to address"
+        raise _cannot_listen(address, "--port", str(e)) from None
+    if not port:
+        raise _cannot_listen(address, "--port", "address in use or not local")
+    await server.start()
+    undo.push_async_callback(server.stop, None)
+    if tls is not None:
+        out(f"TLS on: devices need --ca {tls.ca_cert}")
+    else:
+        out("TLS OFF (--insecure): traffic and session tokens travel in plaintext; "
+            "no device identity (any caller can join and push results)")
+    out(f"listening on {_address(options.host, port)}")
+    enrollment, enroll_port = None, 0
+    if tls is not None:
+        from fedge.server.enrollment_service import EnrollmentService, start_enrollment_server
+
+        enrollment, enroll_port = await start_enrollment_server(
+            EnrollmentService(store, tls, device_port=port), tls, host=options.host,
+            port=options.enrollment_port,
+        )
+        undo.push_async_callback(enrollment.stop, None)
+        out(f"enrollment on {_address(options.host, enroll_port)}")
+    http, http_port = None, 0
+    if options.http_port is not None:
+        from fedge.server.http_api import HttpServer, make_http_app
+
+        http = HttpServer(make_http_app(registry, metrics), host=options.http_host,
+                          port=int(options.http_port))
+        http_port = http.start()
+        undo.push_async_callback(asyncio.to_thread, http.stop)
+        out(f"HTTP API on http://{_address(options.http_host, http_port)}")
+    return _Servers(server, port, enrollment, enroll_port, http, http_port,
+                    tls.ca_cert if tls is not None else None)
+
+
+def _probe_ports(options: CoordinatorOptions) -> None:
+    """Refuse a port another process holds before anything is stored (StartRefused).
+
+    The sockets are bound as gRPC binds its own (SO_REUSEADDR) and all held
+    at once, so the same port given twice is refused too; the real bind
+    follows, so this only moves the common failure ahead of any write.
+    """
+    wanted = [("--port", options.host, options.port)]
+    if not options.insecure:
+        wanted.append(("--enroll-port", options.host, options.enrollment_port))
+    if options.http_port is not None:
+        wanted.append(("--http-port", options.http_host, options.http_port))
+    held: list[socket.socket] = []
+    try:
+        for flag, host, port in wanted:
+            if port == 0:
+                continue
+            try:
+                infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_PASSIVE)
+            except socket.gaierror as e:
+                raise _cannot_listen(_address(host, port), flag, str(e)) from None
+            for family, kind, proto, _, addr in infos:
+                try:
+                    sock = socket.socket(family, kind, proto)
+                except OSError:
+                    continue  # a family this machine lacks (gRPC skips it too)
+                held.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # "" lists both wildcards: let them coexist
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(addr)
+                    sock.listen(1)  # a listener: the same port given twice collides
+                except OSError as e:
+                    if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                        raise _cannot_listen(_address(host, port), flag,
+                                             e.strerror or str(e)) from None
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _cannot_listen(address: str, flag: str, why: str) -> StartRefused:
+    return StartRefused(
+        "cannot_listen",
+        f"cannot listen on {address} ({flag}): {why}; stop what holds it, or choose another "
+        f"port with {flag} (0 picks a free one)",
+    )
+
+
+def _hostnames(options: CoordinatorOptions) -> list[str]:
+    names = list(options.tls_hostnames)
+    if options.host not in ("0.0.0.0", "::", ""):
+        names.insert(0, options.host)
+    else:
+        names.append(socket.gethostname())
+    for name in ("localhost", "127.0.0.1"):
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def device_run_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The run config devices receive: everything but the ServerApp's own keys."""
     return {k: v for k, v in config.items() if k not in SERVER_ONLY_KEYS}
 
 
-def _snapshot_bytes(arrays: Mapping[str, Any], task: str) -> bytes:
-    """The snapshot of a global model. Run and round stay out (SQLite keeps the lineage),
-    so unchanged weights keep their version: a round that aggregated nothing shows as such."""
-    from fedge.common.snapshot import arrays_to_snapshot
-
-    return arrays_to_snapshot(arrays, {"task": task}).SerializeToString(deterministic=True)
-
-
-def _resolve(fut: asyncio.Future[str], outcome: str) -> None:
+def _resolve(fut: asyncio.Future[RunOutcome], outcome: RunOutcome) -> None:
     if not fut.done():
         fut.set_result(outcome)
 
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _describe(config: Mapping[str, Any]) -> str:
-    keys = ("task", "codec", "strategy", "num-rounds", "round-timeout")
-    return ", ".join(f"{k} {config[k]}" for k in keys if k in config)
 
 
 def _size(n: int) -> str:

@@ -14,11 +14,13 @@ refusal, the upload state machine and how transfers resume. In short:
 - `PullTask` long-polls the device's queue in the `Fleet` and streams the
   task (a Flower message) as a header and chunks; `task_id` + `offset`
   resume a broken download.
-- `PushResult` writes a result to `<uploads>/<task_id>.part` through a
-  `FileAssembler`, records the bytes durably held, verifies the hash, checks
-  that the payload is a Flower reply to this very task, and only then counts
-  it (`store.complete_result`, inside `Fleet.complete`): once, and only while
-  the task's round is open.
+- `PushResult` asks the `ResultIntake` (`result_intake.py`) whether the
+  header may start an upload, writes the bytes to memory or
+  `<uploads>/<task_id>.part` and records the bytes durably held; the whole
+  upload then goes to the intake, which verifies the hash, the signature and
+  the reply and counts it (once, and only while the task's round is open).
+  The intake decides and raises one `ResultRefused`; this module only maps
+  its reason to a status (`STATUS_BY_REFUSAL`).
 - `FetchModel` streams a global model snapshot from the model store.
 
 A refusal never changes the global model or stops the server: it is a status
@@ -39,7 +41,6 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from fedge.common import flower_compat as fc
 from fedge.common.chunking import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -49,19 +50,12 @@ from fedge.common.chunking import (
     is_sha256_hex,
     iter_file_chunks,
 )
-from fedge.common.contract import FLOWER_MESSAGE_FORMAT as MESSAGE_FORMAT
-from fedge.common.contract import MODEL_SNAPSHOT_FORMAT as MODEL_FORMAT
-from fedge.common.contract import PROTOCOL_VERSION
-from fedge.common.signing import SignatureInvalid, verify_result
+from fedge.common.contract import FLOWER_MESSAGE_FORMAT, MODEL_SNAPSHOT_FORMAT, PROTOCOL_VERSION
 from fedge.server.audit import audit
-from fedge.server.device_identity import (
-    IdentityRefused,
-    identify_peer,
-    peer_cert_pem,
-    require_device,
-)
+from fedge.server.device_identity import require_device
 from fedge.server.fleet import DeviceEntry, Fleet, TaskPayload
 from fedge.server.model_store import ModelStore
+from fedge.server.result_intake import RefusalReason, ResultIntake, ResultRefused
 from fedge.server.store import DeviceStatus, ResultStatus, Store, TaskState
 from fedge.server.uploads import MemoryUpload, Upload, open_upload
 from fedge.v1 import coordinator_pb2 as pb
@@ -107,10 +101,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         settings: ServiceSettings | None = None,
         model_version: Callable[[], str] = lambda: "",
         mtls: bool = False,
+        intake: ResultIntake | None = None,
     ) -> None:
         self.store = store
         self.mtls = mtls
         self.fleet = fleet
+        self.intake = intake or ResultIntake(store, fleet)
         self.models = models
         self.uploads = Path(uploads_dir)
         self.uploads.mkdir(parents=True, exist_ok=True)
@@ -232,7 +228,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 message_type=task.message_type,
                 total_size=task.total_size,
                 sha256=task.sha256,
-                payload_format=MESSAGE_FORMAT,
+                payload_format=FLOWER_MESSAGE_FORMAT,
                 offset=offset,
                 timeout_s=max(0.0, task.deadline - self.fleet.now()),
                 base_model_version=task.base_model_version,
@@ -267,38 +263,22 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         header = first.header
         entry = await self.identify(header.session_token, context)
         task_id = header.task_id
-        row = self.store.get_task(task_id) if _TASK_ID.fullmatch(task_id) else None
-        if row is None or row.device_id != entry.device_id:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, "unknown task")
-        if header.run_id != row.run_id or header.round != row.round:
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"header names run {header.run_id} round {header.round}; the task is "
-                f"run {row.run_id} round {row.round}",
+        try:
+            live = self.intake.admit(
+                entry, task_id, run_id=header.run_id, round=header.round,
+                known_format=header.payload_format in ("", FLOWER_MESSAGE_FORMAT),
             )
-        if header.payload_format not in ("", MESSAGE_FORMAT):
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "unknown payload_format")
-        result = self.store.get_result(task_id)
-        if result is not None and result.status == ResultStatus.COMPLETE:
-            return pb.PushResultReply(accepted=True, offset=result.total_size, duplicate=True)
-        if result is not None and result.status == ResultStatus.REJECTED:
-            await _abort(
-                context, grpc.StatusCode.FAILED_PRECONDITION, f"result rejected: {result.reason}"
-            )
-        live = self.fleet.task(task_id)
-        if live is None or live.deadline < self.fleet.now():
-            await _abort(
-                context, grpc.StatusCode.FAILED_PRECONDITION, "round closed or task expired"
-            )
+        except ResultRefused as e:
+            await _abort_refused(context, e)
+        if live == "duplicate":
+            result = self.store.get_result(task_id)
+            held = result.total_size if result is not None else 0
+            return pb.PushResultReply(accepted=True, offset=held, duplicate=True)
         if task_id in self._uploading:
             await _abort(context, grpc.StatusCode.ABORTED, "another upload of this task is open")
         self._uploading.add(task_id)
         try:
             return await self._receive(task_id, header, stream, entry, live, context)
-        except IdentityRefused as e:  # revoked (or re-enrolled) while uploading
-            audit("device_refused", reason=e.reason, peer=context.peer())
-            await _abort(context, e.code, e.public_message)
         finally:
             self._uploading.discard(task_id)
 
@@ -387,84 +367,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     if upload.offset != durable:
                         self.store.record_progress(task_id, upload.save_partial())
                 upload.close()
-        outcome, detail = await asyncio.to_thread(
-            self._finish, upload, entry, task, header, context.auth_context() if self.mtls else None
+        try:  # in a worker thread: it hashes and parses
+            counted = await asyncio.to_thread(
+                self.intake.take, upload, entry, task,
+                signature=header.signature, payload_sha256=header.sha256,
+                auth_context=context.auth_context() if self.mtls else None,
+            )
+        except ResultRefused as e:
+            await _abort_refused(context, e)
+        return pb.PushResultReply(
+            accepted=True, offset=upload.total_size, duplicate=counted == "duplicate"
         )
-        if outcome == "accepted":
-            return pb.PushResultReply(accepted=True, offset=upload.total_size)
-        if outcome == "duplicate":
-            return pb.PushResultReply(accepted=True, offset=upload.total_size, duplicate=True)
-        await _abort(context, _FINISH_STATUS[outcome], detail)
-
-    def _finish(
-        self,
-        upload: Upload,
-        entry: DeviceEntry,
-        task: TaskPayload,
-        header: pb.ResultHeader,
-        auth_context: Any = None,
-    ) -> tuple[str, str]:
-        """Verify, validate and count a whole upload (in a worker thread: it hashes and parses).
-
-        Order: the payload's hash, then (mTLS) the device's signature over run,
-        round, task id and that hash, then the Flower reply is parsed, then
-        (mTLS) the device is looked up once more right before it is counted.
-        """
-        task_id = task.task_id
-        try:
-            data = upload.payload()
-        except ChunkError as e:
-            if e.reason == "hash_mismatch":
-                upload.discard()
-                self.store.record_progress(task_id, 0)
-                return "hash_mismatch", f"{e.detail}; send again from offset 0"
-            self.store.record_progress(task_id, upload.offset)
-            return "incomplete", str(e)
-        if auth_context is not None:
-            try:  # before anything is decoded: the bytes are the device's, for this task
-                verify_result(
-                    peer_cert_pem(auth_context) or b"",
-                    header.signature,
-                    run_id=task.run_id,
-                    round=task.round,
-                    task_id=task_id,
-                    payload_sha256=header.sha256,
-                )
-            except SignatureInvalid as e:
-                del data
-                upload.discard()
-                self.store.reject_result(task_id, "bad_signature")
-                self.fleet.drop(task_id)
-                audit("result_refused", reason="bad_signature", detail=e.reason, task=task_id,
-                      device=entry.device_id)
-                log.warning("result of task %s rejected (bad_signature: %s)", task_id, e.reason)
-                return "invalid", "result rejected: bad_signature"
-        reason, parsed = _check_reply(data, task_id, entry, task)
-        del data  # the parsed message holds the bytes from here on
-        if reason is not None:
-            upload.discard()
-            self.store.reject_result(task_id, reason)
-            self.fleet.drop(task_id)
-            log.warning("result of task %s rejected (%s)", task_id, reason)
-            return "invalid", f"result rejected: {reason}"
-        if auth_context is not None:
-            try:  # revoked while uploading: refused, nothing counted
-                identify_peer(auth_context, self.store)
-            except IdentityRefused:
-                upload.discard()
-                self.store.reject_result(task_id, "device_refused")
-                self.fleet.drop(task_id)
-                raise
-        outcome = self.fleet.complete(
-            task_id, upload.path, self.store.complete_result, parsed, upload.total_size
-        )
-        if outcome == "closed":
-            upload.discard()
-            self.store.reject_result(task_id, "round_closed")
-            return "closed", "round closed or task expired"
-        if outcome == "duplicate":
-            upload.discard()
-        return outcome, ""
 
     async def GetUploadOffset(
         self, request: pb.GetUploadOffsetRequest, context: Any
@@ -513,7 +426,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             yield pb.ModelChunk(
                 header=pb.ModelHeader(
                     version=version, sha256=version, run_id=run_id, round=rnd,
-                    not_modified=True, payload_format=MODEL_FORMAT,
+                    not_modified=True, payload_format=MODEL_SNAPSHOT_FORMAT,
                 )
             )
             return
@@ -529,7 +442,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         yield pb.ModelChunk(
             header=pb.ModelHeader(
                 version=version, total_size=size, sha256=version, run_id=run_id, round=rnd,
-                offset=request.offset, payload_format=MODEL_FORMAT,
+                offset=request.offset, payload_format=MODEL_SNAPSHOT_FORMAT,
             )
         )
         chunk = self._chunk_size(request.max_chunk_bytes)
@@ -551,12 +464,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     self.store.touch_devices(touched)
 
 
-_FINISH_STATUS = {
+STATUS_BY_REFUSAL: dict[RefusalReason, grpc.StatusCode] = {
+    "unknown_task": grpc.StatusCode.NOT_FOUND,
+    "wrong_task": grpc.StatusCode.INVALID_ARGUMENT,
+    "rejected_before": grpc.StatusCode.FAILED_PRECONDITION,
+    "round_closed": grpc.StatusCode.FAILED_PRECONDITION,
     "hash_mismatch": grpc.StatusCode.DATA_LOSS,
     "incomplete": grpc.StatusCode.ABORTED,
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "closed": grpc.StatusCode.FAILED_PRECONDITION,
+    "bad_signature": grpc.StatusCode.INVALID_ARGUMENT,
+    "invalid_reply": grpc.StatusCode.INVALID_ARGUMENT,
+    "device_unknown": grpc.StatusCode.UNAUTHENTICATED,
+    "device_revoked": grpc.StatusCode.PERMISSION_DENIED,
 }
+"""The gRPC status each result refusal answers with (docs/coordinator.md says why)."""
 
 
 def _check_result_header(total_size: int, sha256: str, cap: int) -> None:
@@ -566,33 +486,6 @@ def _check_result_header(total_size: int, sha256: str, cap: int) -> None:
         raise ChunkError("over_cap", f"total size {total_size} > cap {cap}")
 
 
-def _check_reply(
-    data: bytes, task_id: str, entry: DeviceEntry, task: TaskPayload
-) -> tuple[str | None, Any]:
-    """(why the payload is not a Flower reply to `task_id` from this device, the parsed message).
-
-    The content is parsed (protobuf) but not converted: the strategy checks it.
-    """
-    try:
-        parsed = fc.parse_message(data)
-        md = fc.parsed_metadata(parsed)
-    except Exception as e:  # protobuf and Flower raise several types for garbage
-        return f"malformed: not a Flower message ({type(e).__name__})", None
-    return _reply_mismatch(md, task_id, entry, task), parsed
-
-
-def _reply_mismatch(md: Any, task_id: str, entry: DeviceEntry, task: TaskPayload) -> str | None:
-    if md.reply_to_message_id != task_id:
-        return "not_a_reply: reply_to_message_id does not name this task"
-    if md.src_node_id != entry.node_id:
-        return "wrong_node: src_node_id is not this device's node id"
-    if md.run_id != task.run_id:
-        return f"wrong_run: the reply names run {md.run_id}"
-    if md.message_type != task.message_type:
-        return f"wrong_type: {md.message_type!r} answers a {task.message_type!r} task"
-    return None
-
-
 async def _abort(context: Any, code: grpc.StatusCode, detail: str) -> NoReturn:
     await context.abort(code, detail)
     raise AssertionError("unreachable")  # context.abort raises
@@ -600,6 +493,10 @@ async def _abort(context: Any, code: grpc.StatusCode, detail: str) -> NoReturn:
 
 async def _abort_chunk(context: Any, err: ChunkError) -> NoReturn:
     await _abort(context, grpc.StatusCode[STATUS_BY_REASON[err.reason]], str(err))
+
+
+async def _abort_refused(context: Any, err: ResultRefused) -> NoReturn:
+    await _abort(context, STATUS_BY_REFUSAL[err.reason], err.detail)
 
 
 class _quiet:

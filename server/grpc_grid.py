@@ -203,6 +203,11 @@ class GrpcGrid(RunGrid):
         device = self.store.get_device_by_node(node_id)
         return device.id if device is not None else None
 
+    @property
+    def stopped(self) -> bool:
+        """True once `stop` was called: the coordinator is shutting down."""
+        return self._stopped.is_set()
+
     def stop(self) -> None:
         """Make every waiting or later Grid call raise GridStopped."""
         self._stopped.set()

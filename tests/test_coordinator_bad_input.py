@@ -55,8 +55,8 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
         grace_s=0.5,
         keep_serving=True,  # so a result can still arrive after the run's last round
     )
-    coordinator = Coordinator(opts, out=lines.append)
-    port = await coordinator.start()
+    coordinator = await Coordinator.start(opts, out=lines.append)
+    port = coordinator.port
     initial = coordinator.model_version
     runner = asyncio.create_task(coordinator.run())
     device = RawDevice(f"127.0.0.1:{port}", "mallory")

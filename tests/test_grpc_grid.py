@@ -181,7 +181,9 @@ def test_stop_ends_waiting_calls(grid: GrpcGrid) -> None:
     t = threading.Thread(target=wait)
     t.start()
     time.sleep(0.2)
+    assert not grid.stopped
     grid.stop()
+    assert grid.stopped
     t.join(5)
     assert not t.is_alive() and len(errors) == 1
     with pytest.raises(GridStopped):
