@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedge.common.snapshot import snapshot_to_arrays
 from fedge.server.continuous import ContinuousSettings
 from fedge.server.fleet import Fleet
 from fedge.server.grpc_grid import GrpcGrid
@@ -98,7 +99,7 @@ def test_persist_closes_writes_commits_and_promotes(plain: Parts) -> None:
     assert rnd.contributors == ["a"] and rnd.dropped == ["b"]
     version = rnd.model_version
     assert version is not None and version != plain.initial
-    arrays, _ = plain.models.get_arrays(version)
+    arrays, _ = snapshot_to_arrays(plain.models.get(version))
     np.testing.assert_array_equal(arrays["w"], np.ones(3, np.float32))
     assert plain.store.get_run(RUN_ID).current_round == 1
     assert plain.store.get_run(RUN_ID).model_version == version
