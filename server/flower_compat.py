@@ -28,7 +28,10 @@ What is used, and where it lives in flwr 1.42:
 
 from __future__ import annotations
 
+import re
+
 from flwr.app import Context, Error, Message, Metadata
+from flwr.common.config import parse_config_args
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import (
     context_from_proto,
@@ -156,3 +159,9 @@ def error_reply(
 ) -> Message:
     """The reply a Flower runtime sends when a ClientApp fails on `message`."""
     return Message(Error(code=int(code), reason=reason), reply_to=message)
+
+
+#: one KEY=VALUE pair as `parse_config_args` finds them (flwr/common/config.py)
+RUN_CONFIG_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+__all__ += ["RUN_CONFIG_PAIR", "parse_config_args"]

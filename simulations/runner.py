@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,8 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedge.common.codec_spec import parse_codec
 from fedge.server.round_metrics import RoundMetrics
+from fedge.server.run_config import RunConfigError, check_codec
 from fedge.simulations.report import RunReport, plot_report, round_record, write_report
 
 #: what `--dataset` and `--model` select among the built-in tasks
@@ -83,25 +86,69 @@ def parse_codec_list(text: str) -> list[str]:
     """`none,int8,int4` -> validated specs (a bad one fails before any run starts)."""
     specs = [part.strip() for part in text.split(",") if part.strip()]
     if not specs:
-        raise ValueError("--codec needs at least one spec")
+        raise RunConfigError("codec", "needs at least one spec")
     for spec in specs:
-        parse_codec(spec)
+        check_codec("codec", spec)
     return specs
 
 
 Runner = Callable[[dict[str, Any], int, list[Callable[[RoundMetrics], None]]], None]
+
+#: the logger the strategy wrapper names each dropped reply on (client errors among them)
+_DROPPED_REPLIES = "fedge.server.compressed_strategy"
+
+
+class _FirstWarning(logging.Handler):
+    """Keeps the first warning of a logger as one line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.line: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.line is None:
+            self.line = " ".join(record.getMessage().split())
+
+
+@contextmanager
+def _first_dropped_reply() -> Iterator[_FirstWarning]:
+    """While a run runs: the first reply the strategy dropped, and why."""
+    logger = logging.getLogger(_DROPPED_REPLIES)
+    handler, level = _FirstWarning(), logger.level
+    logger.addHandler(handler)
+    if not logger.isEnabledFor(logging.WARNING):
+        logger.setLevel(logging.WARNING)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def nothing_aggregated(report: dict[str, Any]) -> str | None:
+    """One line for the first run in which no round aggregated any reply, else None."""
+    for run in report["runs"]:
+        if not any(r.get("accepted") for r in run["rounds"]):
+            first = run.get("first_client_error") or "no reply was dropped: no client answered"
+            return (f"codec {run['codec']}: no round aggregated anything "
+                    f"({len(run['rounds'])} of the run's rounds ended); first error: {first}")
+    return None
 
 
 def simulate(
     options: SimulationOptions,
     console: Console | None = None,
     runner: Runner | None = None,
+    flower_log_level: int = logging.WARNING,
 ) -> Path:
-    """Run every codec in turn and write the report; returns the report.json path."""
+    """Run every codec in turn and write the report; returns the report.json path.
+
+    A run whose replies were dropped keeps the first drop's reason as
+    `first_client_error` (see `nothing_aggregated`)."""
     if runner is None:
         from fedge.simulations.engine import run_in_ray
 
-        runner = run_in_ray
+        runner = functools.partial(run_in_ray, flower_log_level=flower_log_level)
     console = console or Console()
     reports: list[RunReport] = []
     started = time.perf_counter()
@@ -125,7 +172,10 @@ def simulate(
                           f"  rejected {record.rejected}")
                 progress.update(bar, completed=record.round, status=status)
 
-            runner(options.run_config(codec), options.clients, [on_round])
+            with _first_dropped_reply() as dropped:
+                runner(options.run_config(codec), options.clients, [on_round])
+            if dropped.line:
+                report.extra["first_client_error"] = dropped.line
             reports.append(report)
     meta = {
         "task": options.task,
