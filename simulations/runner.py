@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -96,42 +97,61 @@ Runner = Callable[[dict[str, Any], int, list[Callable[[RoundMetrics], None]]], N
 
 #: the logger the strategy wrapper names each dropped reply on (client errors among them)
 _DROPPED_REPLIES = "fedge.server.compressed_strategy"
+#: Flower's logger: its simulation engine logs a ClientApp's exception there, traceback and all
+_FLOWER = "flwr"
+#: a traceback's closing line, `SomeError: what happened` (wrappers with an empty message skip)
+_CAUSE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (\S.*)$", re.MULTILINE)
 
 
-class _FirstWarning(logging.Handler):
-    """Keeps the first warning of a logger as one line."""
+class _FirstRecord(logging.Handler):
+    """Keeps, as one line, the first record at `level` or above (with `cause`: the first
+    record holding a traceback's closing line, and only that line)."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+    def __init__(self, level: int, cause: bool = False) -> None:
+        super().__init__(level)
+        self.cause = cause
         self.line: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.line is None:
-            self.line = " ".join(record.getMessage().split())
+        if self.line is not None:
+            return
+        text = record.getMessage()
+        if self.cause:
+            found = _CAUSE.search(text)
+            if found is None:
+                return
+            text = found.group(0)
+        self.line = " ".join(text.split())
 
 
 @contextmanager
-def _first_dropped_reply() -> Iterator[_FirstWarning]:
-    """While a run runs: the first reply the strategy dropped, and why."""
-    logger = logging.getLogger(_DROPPED_REPLIES)
-    handler, level = _FirstWarning(), logger.level
-    logger.addHandler(handler)
-    if not logger.isEnabledFor(logging.WARNING):
-        logger.setLevel(logging.WARNING)
+def _first_client_error() -> Iterator[Callable[[], str | None]]:
+    """While a run runs: why the first dropped reply was dropped, as one line (the client's
+    own exception when Flower logged it, else the strategy's reason)."""
+    handlers = {_DROPPED_REPLIES: _FirstRecord(logging.WARNING),
+                _FLOWER: _FirstRecord(logging.ERROR, cause=True)}
+    levels = {}
+    for name, handler in handlers.items():
+        logger = logging.getLogger(name)
+        levels[name] = logger.level
+        logger.addHandler(handler)
+        if not logger.isEnabledFor(handler.level):
+            logger.setLevel(handler.level)
     try:
-        yield handler
+        yield lambda: handlers[_FLOWER].line or handlers[_DROPPED_REPLIES].line
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+        for name, handler in handlers.items():
+            logging.getLogger(name).removeHandler(handler)
+            logging.getLogger(name).setLevel(levels[name])
 
 
 def nothing_aggregated(report: dict[str, Any]) -> str | None:
     """One line for the first run in which no round aggregated any reply, else None."""
     for run in report["runs"]:
         if not any(r.get("accepted") for r in run["rounds"]):
-            first = run.get("first_client_error") or "no reply was dropped: no client answered"
-            return (f"codec {run['codec']}: no round aggregated anything "
-                    f"({len(run['rounds'])} of the run's rounds ended); first error: {first}")
+            first = run.get("first_client_error") or "none logged (did any client answer?)"
+            return (f"codec {run['codec']}: no round of {len(run['rounds'])} aggregated "
+                    f"anything; first client error: {first}")
     return None
 
 
@@ -172,10 +192,10 @@ def simulate(
                           f"  rejected {record.rejected}")
                 progress.update(bar, completed=record.round, status=status)
 
-            with _first_dropped_reply() as dropped:
+            with _first_client_error() as first_error:
                 runner(options.run_config(codec), options.clients, [on_round])
-            if dropped.line:
-                report.extra["first_client_error"] = dropped.line
+            if first_error():
+                report.extra["first_client_error"] = first_error()
             reports.append(report)
     meta = {
         "task": options.task,
