@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from fedge.common.log_level import LogLevel, configure_logging, log_level_option
+from fedge.common.cli_options import LogLevel, configure_logging, log_level_option
 
 DEFAULT_APP = "fedge.client.client_app:app"
 MAX_CHUNK = 2 << 20  # fedge.common.chunking.MAX_CHUNK_SIZE, repeated to keep imports light

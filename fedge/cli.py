@@ -28,18 +28,20 @@ class OneLineErrors(TyperGroup):
     """The `fedge` group: a usage error (a bad flag, a value not among a flag's choices)
     is one line on stderr, exit 2, instead of a usage block and a framed panel."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
         complete_var: str | None = None,
         standalone_mode: bool = True,
+        windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
+        run = (args, prog_name, complete_var, False, windows_expand_args)
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, False, **extra)
+            return super().main(*run, **extra)
         try:
-            result = super().main(args, prog_name, complete_var, False, **extra)
+            result = super().main(*run, **extra)
         except click.exceptions.NoArgsIsHelpError as e:  # the help is already printed
             sys.exit(e.exit_code)
         except click.UsageError as e:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import typer
 
-from fedge.common.log_level import LogLevel, log_level_option
+from fedge.common.cli_options import LogLevel, log_level_option
 
 _LISTEN = re.compile(r"^listening on (\S+):(\d+)$")
 _CA = re.compile(r"^TLS on: devices need --ca (.+)$")

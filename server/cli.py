@@ -14,7 +14,7 @@ from typing import Any
 import click
 import typer
 
-from fedge.common.log_level import LogLevel, configure_logging, log_level_option
+from fedge.common.cli_options import LogLevel, configure_logging, log_level_option
 from fedge.server.run_config import STRATEGIES
 
 #: the run-config key each `coordinator run` flag sets, to name the flag in a refusal

@@ -28,7 +28,6 @@ from typing import Any
 
 from fedge.common.codec_spec import VALUE_CODECS, parse_codec
 from fedge.common.errors import CodecSpecError
-from fedge.common.partition import PARTITIONERS
 
 #: what the `strategy` key may name; `server_app.build_strategy` builds each of them
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
@@ -208,6 +207,8 @@ def validate_run_config(
         if not isinstance(value, bool | int | float | str):
             raise RunConfigError(str(key), f"{value!r} is not a scalar (bool, int, float or "
                                  "string)")
+    from fedge.common.partition import PARTITIONERS  # numpy: not at import, the CLI loads this
+
     _choice(config, "strategy", "fedavg", STRATEGIES)
     _choice(config, "partition", "iid", PARTITIONERS)
     check_codec("codec", config.get("codec", "none"))

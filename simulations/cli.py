@@ -7,10 +7,16 @@ from pathlib import Path
 import click
 import typer
 
-from fedge.common.log_level import LogLevel, configure_logging, log_level_option
-from fedge.common.partition import PARTITIONERS
+from fedge.common.cli_options import LazyChoice, LogLevel, configure_logging, log_level_option
 from fedge.server.run_config import STRATEGIES
 from fedge.simulations.runner import DATASET_TASKS
+
+
+def _partitioners() -> tuple[str, ...]:
+    from fedge.common.partition import PARTITIONERS  # numpy: only when simulate needs it
+
+    return PARTITIONERS
+
 
 #: the run-config key each `simulate` flag sets, to name the flag in a refusal
 FLAG_KEYS = {
@@ -33,7 +39,7 @@ def simulate_command(
     fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of clients per round."),
     min_clients: int = typer.Option(2, min=1, help="Minimum clients per round."),
     partition: str = typer.Option("iid", help="How clients' data is split.",
-                                  click_type=click.Choice(PARTITIONERS, case_sensitive=False)),
+                                  click_type=LazyChoice(_partitioners, case_sensitive=False)),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (with --partition dirichlet)."),
     classes_per_client: int = typer.Option(2, help="Classes per client (with --partition shards)."),
     strategy: str = typer.Option("fedavg", help="The Flower strategy.",

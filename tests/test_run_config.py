@@ -204,7 +204,7 @@ def test_the_server_app_checks_at_start() -> None:
         return message
 
     grid = InProcessGrid(client, 1)
-    with pytest.raises(RunConfigError, match="'partition'.*iid, dirichlet, shards"):
+    with pytest.raises(RunConfigError, match=r"'partition'.*iid, dirichlet, shards"):
         run_server_app_inprocess(server_app, grid, run_config={"partition": "dirichet"})
     assert delivered == []  # refused before round 1 sent anything
 
