@@ -294,3 +294,12 @@ def test_a_simulation_that_aggregated_nothing_fails_with_the_first_client_error(
     (run,) = json.loads((out / "report.json").read_text())["runs"]
     assert run["rounds"][0]["accepted"] == 0 and run["rounds"][0]["rejected"] == 2
     assert run["first_client_error"] in line
+
+
+def test_the_demo_checks_its_run_config_before_starting_anything(tmp_path: Path, capsys) -> None:
+    from fedge.demo import run_demo
+
+    assert run_demo(tmp_path / "demo", rounds=0) == 2
+    assert not (tmp_path / "demo").exists()  # no folder, no coordinator, no device started
+    err = capsys.readouterr().err.strip()
+    assert err == "fedge demo: run config 'num-rounds': 0 is out of range: give a whole number >= 1"
