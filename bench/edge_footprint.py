@@ -186,7 +186,7 @@ def _measure_with_fedge(
     ]
     for key, value in run_config.items():
         if key != "task":
-            args += ["--run-config", f"{key}={value}"]
+            args += ["--run-config", f"{key}={json.dumps(value)}"]  # a TOML value
     with open(coord_log, "ab") as out:
         coord = subprocess.Popen(
             [sys.executable, "-c", "from fedge.cli import app; app()", *args],

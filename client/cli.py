@@ -1,6 +1,6 @@
 """`fedge client run`: this machine becomes an edge device of a coordinator.
 
-Only typer is imported at the top: the `fedge` command loads this module for
+Only typer (and the shared `--log-level`) is imported at the top: `fedge` loads this module for
 every subcommand, and a device's runtime (gRPC, then Flower and torch when
 work arrives) is imported only when `run` actually runs.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from fedge.client.app_ref import DEFAULT_APP_REF
+from fedge.common.cli_options import LogLevel, configure_logging, log_level_option
 
 MAX_CHUNK = 2 << 20  # fedge.common.chunking.MAX_CHUNK_SIZE, repeated to keep imports light
 
@@ -56,7 +57,7 @@ def run_command(
     ),
     max_backoff: float = typer.Option(60.0, "--max-backoff", min=1.0,
                                       help="Longest wait between reconnect attempts, s."),
-    log_level: str = typer.Option("info", "--log-level", help="debug | info | warning."),
+    log_level: LogLevel = log_level_option(LogLevel.INFO),
     inference_only: bool = typer.Option(False, "--inference-only", help="Do not train: keep "
                                         "the coordinator's current model in --data (verified) "
                                         "for `fedge predict`; needs --model-url."),
@@ -91,10 +92,7 @@ def run_command(
         raise typer.BadParameter("give --coordinator HOST:PORT, or `fedge enroll` this --data "
                                  "folder first", param_hint="--coordinator")
     _check_options(coordinator, ca, insecure, partition_id, num_partitions, app)
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_level)
     from fedge.client.device_state import DeviceFolderError
     from fedge.client.edge_runtime import EdgeDevice
     from fedge.common.alloc import limit_heap_growth
@@ -137,16 +135,11 @@ def run_command(
 
 
 def _run_inference_only(
-    model_url: str, data: Path, model_format: str, poll_interval: float, log_level: str
+    model_url: str, data: Path, model_format: str, poll_interval: float, log_level: LogLevel
 ) -> None:
-    import logging
-
     if not model_url:
         raise typer.BadParameter("--inference-only needs --model-url", param_hint="--model-url")
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_level)
     from fedge.client.inference_device import run_cli
 
     try:

@@ -48,7 +48,8 @@ DEFAULT_SMALL = 256
 DEFAULT_TOPK_AHEAD = 1.0
 MAX_BLOCK = 1 << 24
 
-_VALUE_STAGES = ("none", "fp16", "int8", "int4")
+#: the value stages a spec names exactly one of
+VALUE_CODECS = ("none", "fp16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def parse_codec(spec: str) -> CodecSpec:
             if topk is not None:
                 raise CodecSpecError(f"topk given twice in {spec!r}")
             topk = _parse_topk(name[len("topk=") :], stage, spec)
-        elif name in _VALUE_STAGES:
+        elif name in VALUE_CODECS:
             if value is not None:
                 raise CodecSpecError(
                     f"more than one value codec ({value!r} and {name!r}) in {spec!r}"

@@ -6,7 +6,13 @@ imported only when that subcommand runs.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
 import typer
+from typer.core import TyperGroup
 
 from fedge.client.cli import client_app_cli
 from fedge.client.enroll_cli import enroll_command
@@ -17,12 +23,64 @@ from fedge.server.devices_cli import devices_app, token_app
 from fedge.server.models_cli import export_command, models_app
 from fedge.simulations.cli import simulate_command
 
+
+class OneLineErrors(TyperGroup):
+    """The `fedge` group: a usage error (a bad flag, a value not among a flag's choices)
+    is one line on stderr, exit 2, instead of a usage block and a framed panel."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        run = (args, prog_name, complete_var, False, windows_expand_args)
+        if not standalone_mode:
+            return super().main(*run, **extra)
+        try:
+            result = super().main(*run, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # the help is already printed
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            typer.echo(f"Error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            typer.echo(f"Error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        # a command's own `typer.Exit(code)` arrives here as its code; a plain return as None
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
     name="fedge",
+    cls=OneLineErrors,
     help="Federated learning for fleets of small CPU devices, built on Flower.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"fedge {version('fedge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def fedge_group(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print fedge's version and exit."),
+) -> None:
+    """Federated learning for fleets of small CPU devices, built on Flower."""
 
 bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import typer
 
+from fedge.common.cli_options import LogLevel, log_level_option
+
 _LISTEN = re.compile(r"^listening on (\S+):(\d+)$")
 _CA = re.compile(r"^TLS on: devices need --ca (.+)$")
 _ENROLL = re.compile(r"^enrollment on (\S+):(\d+)$")
@@ -123,9 +125,27 @@ def wait_for_line(proc: _Proc, pattern: re.Pattern[str], timeout: float) -> re.M
     raise RuntimeError(f"{proc.name}: no line matching {pattern.pattern!r} in {timeout:.0f} s")
 
 
-def run_demo(out: Path, *, devices: int = 3, rounds: int = 5, timeout_s: float = 110.0) -> int:
-    """Run the demo; returns the exit code (0 when every round completed)."""
+def demo_run_config(devices: int, rounds: int) -> dict[str, str | int | float]:
+    """What the demo's coordinator runs: digits, int8 updates, every device in every round."""
+    return {"task": "digits", "codec": "int8", "num-rounds": rounds,
+            "min-train-nodes": devices, "round-timeout": 60.0}
+
+
+def run_demo(out: Path, *, devices: int = 3, rounds: int = 5, timeout_s: float = 110.0,
+             log_level: LogLevel = LogLevel.WARNING) -> int:
+    """Run the demo; returns the exit code (0 when every round completed, 2 for a run
+    config that cannot run: refused before anything starts)."""
+    from fedge.server.run_config import RunConfigError, validate_run_config
+
     started = time.monotonic()
+    config = demo_run_config(devices, rounds)
+    try:
+        validate_run_config(config)
+    except RunConfigError as e:
+        print(f"fedge demo: {e}", file=sys.stderr, flush=True)
+        return 2
+    # devices log to files only: keep at least their info lines there for a post-mortem
+    device_log_level = LogLevel.DEBUG if log_level is LogLevel.DEBUG else LogLevel.INFO
     out = out.resolve()
     for sub in ("coordinator", "devices", "logs"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -140,10 +160,11 @@ def run_demo(out: Path, *, devices: int = 3, rounds: int = 5, timeout_s: float =
             "coordinator",
             fedge_command(
                 "coordinator", "run", "--state", str(state), "--host", "127.0.0.1",
-                "--port", "0", "--task", "digits", "--codec", "int8",
+                "--port", "0", "--task", str(config["task"]), "--codec", str(config["codec"]),
                 "--rounds", str(rounds), "--min-devices", str(devices),
-                "--min-train-nodes", str(devices), "--round-timeout", "60",
-                "--heartbeat-interval", "2",
+                "--min-train-nodes", str(devices),
+                "--round-timeout", str(config["round-timeout"]),
+                "--heartbeat-interval", "2", "--log-level", log_level.value,
             ),
             echo=True,
             log_path=out / "logs" / "coordinator.log",
@@ -167,6 +188,7 @@ def run_demo(out: Path, *, devices: int = 3, rounds: int = 5, timeout_s: float =
                         "client", "run",
                         "--data", str(out / "devices" / name), "--name", name,
                         "--partition-id", str(i), "--num-partitions", str(devices),
+                        "--log-level", device_log_level.value,
                     ),
                     echo=False,
                     log_path=out / "logs" / f"{name}.log",
@@ -245,8 +267,9 @@ def _print_rounds(state: Path, rounds: int) -> bool:
 
 def demo_command(
     out: Path = typer.Option(Path("fedge-out/demo"), help="Folder for state and logs."),
+    log_level: LogLevel = log_level_option(LogLevel.WARNING),
 ) -> None:
     """The main job: a coordinator and 3 devices on loopback (TLS, digits, int8, 5 rounds)."""
-    code = run_demo(out)
+    code = run_demo(out, log_level=log_level)
     if code:
         raise typer.Exit(code)

@@ -1,33 +1,27 @@
 """`fedge coordinator run`: the command's options; the coordinator itself loads lazily.
 
-Only typer is imported at the top, so `fedge --help` and the device's own
-commands never pay for the coordinator's imports (grpc, SQLite, torch).
+Only typer, click and the run config's vocabulary (`server/run_config.py`: no
+torch, no Flower) are imported at the top, so `fedge --help` and the device's
+own commands never pay for the coordinator's imports (grpc, SQLite, torch), and
+a bad run config is refused before any of them load.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 
+from fedge.common.cli_options import LogLevel, configure_logging, log_level_option
+from fedge.server.run_config import STRATEGIES
 
-def parse_run_config(pairs: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` pairs as a run config; values are JSON scalars when they parse as one."""
-    config: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--run-config")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if not isinstance(value, str | int | float | bool):
-            raise typer.BadParameter(f"{key}: only scalars", param_hint="--run-config")
-        config[key.strip()] = value
-    return config
+#: the run-config key each `coordinator run` flag sets, to name the flag in a refusal
+FLAG_KEYS = {
+    "task": "--task", "codec": "--codec", "strategy": "--strategy", "num-rounds": "--rounds",
+    "min-train-nodes": "--min-train-nodes", "round-timeout": "--round-timeout",
+}
 
 
 def run_command(
@@ -49,19 +43,20 @@ def run_command(
                                                "(default: min(2, --min-devices))."),
     round_timeout: float = typer.Option(600.0, min=0.1, help="Seconds a round waits for results; "
                                         "devices that have not answered are left out."),
-    strategy: str = typer.Option("fedavg", help="fedavg | fedprox | fedadam | fedyogi | "
-                                 "fedmedian | fedtrimmedavg | krum."),
+    strategy: str = typer.Option("fedavg", help="The Flower strategy.",
+                                 click_type=click.Choice(STRATEGIES, case_sensitive=False)),
     chunk_size: int = typer.Option(1 << 20, min=1, max=2 << 20, help="Transfer chunk, bytes."),
     max_result_bytes: int = typer.Option(256 << 20, min=1, help="Largest result accepted, bytes."),
     heartbeat_interval: float = typer.Option(5.0, min=0.1, help="Device heartbeat, seconds."),
-    run_config: list[str] = typer.Option([], "--run-config", help="More run config, KEY=VALUE "
-                                         "(e.g. lr=0.1, local-epochs=2, seed=1); repeatable."),
+    run_config: list[str] = typer.Option([], "--run-config", help="More run config in "
+                                         "Flower's syntax: 'lr=0.1 local-epochs=2' (TOML "
+                                         "values, strings in quotes) or a .toml file."),
     tls_hostname: list[str] = typer.Option([], "--tls-hostname", help="Extra name or IP for the "
                                            "server certificate; repeatable."),
     keep_serving: bool = typer.Option(False, "--keep-serving", help="Serve on after the run."),
     new_run: bool = typer.Option(False, "--new-run", help="Start a new run even if one can be "
                                  "resumed (the old one is marked stopped)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the service does."),
+    log_level: LogLevel = log_level_option(LogLevel.WARNING),
     http_port: int | None = typer.Option(None, "--http-port", min=0, max=65535, help="Serve the "
                                          "HTTP API (models, predict, /metrics) on this port; "
                                          "0 picks a free one (printed)."),
@@ -80,20 +75,10 @@ def run_command(
 ) -> None:
     """Serve a federation: devices join over gRPC (TLS), the ServerApp runs the rounds."""
     import asyncio
-    import logging
     import signal
 
-    from fedge.server.continuous import ContinuousSettings
-    from fedge.server.coordinator import Coordinator, CoordinatorOptions
-    from fedge.server.run_plan import StartRefused
+    from fedge.server.run_config import RunConfigError, parse_run_config_args, validate_run_config
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    flwr_log = logging.getLogger("flwr")  # has its own handler: do not print twice
-    flwr_log.propagate = False
-    flwr_log.setLevel(logging.INFO if verbose else logging.ERROR)
     config: dict[str, Any] = {
         "task": task,
         "codec": codec,
@@ -102,7 +87,22 @@ def run_command(
         "min-train-nodes": min_train_nodes or min(2, min_devices),
         "round-timeout": round_timeout,
     }
-    config.update(parse_run_config(run_config))
+    extra: dict[str, Any] = {}
+    try:  # before anything is started or stored
+        extra = parse_run_config_args(run_config) if run_config else {}
+        config.update(extra)
+        validate_run_config(config)
+    except RunConfigError as e:
+        flags = {k: v for k, v in FLAG_KEYS.items() if k not in extra}
+        typer.echo(f"Error: {e.line(flags)}", err=True)
+        raise typer.Exit(2) from None
+
+    from fedge.server.continuous import ContinuousSettings
+    from fedge.server.coordinator import Coordinator, CoordinatorOptions
+    from fedge.server.run_plan import StartRefused
+
+    quiet_flower = log_level in (LogLevel.WARNING, LogLevel.ERROR)
+    configure_logging(log_level, flower=LogLevel.ERROR if quiet_flower else log_level)
     options = CoordinatorOptions(
         state_dir=state,
         host=host,
@@ -110,7 +110,7 @@ def run_command(
         insecure=insecure,
         enroll_port=enroll_port,
         run_config=config,
-        given_flags=_given_flags(run_config),
+        given_flags=_given_flags(extra),
         min_devices=min_devices,
         chunk_size=chunk_size,
         max_result_bytes=max_result_bytes,
@@ -148,25 +148,20 @@ def run_command(
         raise typer.Exit(code)
 
 
-_FLAG_OF_KEY = {"task": "task", "codec": "codec", "strategy": "strategy", "num-rounds": "rounds",
-                "min-train-nodes": "min_train_nodes", "round-timeout": "round_timeout"}
-"""Run-config key -> the `run_command` parameter that sets it."""
-
-
-def _given_flags(run_config: list[str]) -> dict[str, str]:
+def _given_flags(run_config: dict[str, Any]) -> dict[str, str]:
     """Run-config keys this command line sets, each with its flag: what a resume compares.
 
     A flag left at its default is not given, so "the same command without
     the differing flags" resumes the stored run.
     """
-    import click
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
+    defaulted = (None, ParameterSource.DEFAULT)
     given = {
-        key: "--" + param.replace("_", "-")
-        for key, param in _FLAG_OF_KEY.items()
-        if ctx.get_parameter_source(param) not in (None, ParameterSource.DEFAULT)
+        key: flag
+        for key, flag in FLAG_KEYS.items()
+        if ctx.get_parameter_source(flag[2:].replace("-", "_")) not in defaulted
     }
-    given.update({key: f"--run-config {key}" for key in parse_run_config(run_config)})
+    given.update({key: f"--run-config {key}" for key in run_config})
     return given

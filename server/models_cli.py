@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 
 from fedge.common.atomic_file import atomic_write
@@ -188,7 +189,8 @@ def evaluate_command(
 
 def export_command(
     version: str = typer.Option("current", "--version", help="'current', a hash or a prefix."),
-    fmt: str = typer.Option("int8", "--format", help="fp32 | fp16 | int8 | int4."),
+    fmt: str = typer.Option("int8", "--format", click_type=click.Choice(FORMATS),
+                            help="How the weights are stored."),
     out: Path = typer.Option(..., "--out", help="File to write (replaced atomically)."),
     state: Path = _STATE,
 ) -> None:

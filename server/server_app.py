@@ -59,10 +59,9 @@ from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
 from fedge.server.compressed_strategy import CompressedStrategy
 from fedge.server.downlink import downlink_from_config
 from fedge.server.round_metrics import JsonlRoundWriter, RoundListener, RoundMetrics, notify
+from fedge.server.run_config import STRATEGIES, validate_run_config
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 
 
 #: fields whose default is None (left to the task) and the type a set value has
@@ -332,6 +331,7 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = {**defaults, **dict(context.run_config)}
+        validate_run_config(run_config)  # RunConfigError names the bad key, before any round
         cfg = ServerConfig.from_mapping(run_config)
         random.seed(cfg.seed)  # Flower's node sampling uses `random`: same seed, same clients
         task = resolve_task(cfg.task)

@@ -4,22 +4,46 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import typer
+
+from fedge.common.cli_options import LazyChoice, LogLevel, configure_logging, log_level_option
+from fedge.server.run_config import STRATEGIES
+from fedge.simulations.runner import DATASET_TASKS
+
+
+def _partitioners() -> tuple[str, ...]:
+    from fedge.common.partition import PARTITIONERS  # numpy: only when simulate needs it
+
+    return PARTITIONERS
+
+
+#: the run-config key each `simulate` flag sets, to name the flag in a refusal
+FLAG_KEYS = {
+    "task": "--task", "strategy": "--strategy", "codec": "--codec",
+    "downlink-codec": "--downlink", "downlink-first-contact": "--downlink-first-contact",
+    "num-rounds": "--rounds", "fraction-train": "--fraction", "min-train-nodes": "--min-clients",
+    "partition": "--partition", "alpha": "--alpha", "classes-per-client": "--classes-per-client",
+    "seed": "--seed", "lr": "--lr", "local-epochs": "--local-epochs",
+    "batch-size": "--batch-size", "data-dir": "--data-dir",
+}
 
 
 def simulate_command(
-    dataset: str = typer.Option("digits", help="digits | fashion-mnist."),
+    dataset: str = typer.Option("digits", click_type=click.Choice(tuple(DATASET_TASKS)),
+                                help="A built-in dataset (and its model)."),
     model: str = typer.Option("auto", help="auto | mlp | cnn (must fit the dataset)."),
     task: str = typer.Option("", help="Your own task as module:object (overrides --dataset)."),
     clients: int = typer.Option(20, min=1, help="Virtual clients."),
     rounds: int = typer.Option(10, min=1, help="Federated rounds."),
     fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of clients per round."),
     min_clients: int = typer.Option(2, min=1, help="Minimum clients per round."),
-    partition: str = typer.Option("iid", help="iid | dirichlet | shards."),
+    partition: str = typer.Option("iid", help="How clients' data is split.",
+                                  click_type=LazyChoice(_partitioners, case_sensitive=False)),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (with --partition dirichlet)."),
     classes_per_client: int = typer.Option(2, help="Classes per client (with --partition shards)."),
-    strategy: str = typer.Option("fedavg", help="fedavg | fedprox | fedadam | fedyogi | "
-                                 "fedmedian | fedtrimmedavg | krum."),
+    strategy: str = typer.Option("fedavg", help="The Flower strategy.",
+                                 click_type=click.Choice(STRATEGIES, case_sensitive=False)),
     codec: str = typer.Option("none", help="One codec spec or a comma-separated list to compare, "
                               "e.g. none,int8,int4,topk=0.01+int4."),
     downlink: str = typer.Option("none", help="Downlink codec: none | int8 (the global model "
@@ -45,19 +69,23 @@ def simulate_command(
     merge: str = typer.Option("", help="With --scenario: comma-separated output folders of "
                               "runs split with --only, combined into one report in --out "
                               "(no training)."),
+    log_level: LogLevel = log_level_option(LogLevel.WARNING),
 ) -> None:
     """Run a federation of virtual devices in Flower's simulation engine, one run per codec."""
     from rich.console import Console
     from rich.table import Table
 
+    configure_logging(log_level, flower=log_level)
     if scenario:
         _simulate_scenario(scenario, smoke, engine, only, out, merge)
         return
 
     from fedge.common.errors import CodecSpecError
+    from fedge.server.run_config import RunConfigError, validate_run_config
     from fedge.simulations.report import load_report
     from fedge.simulations.runner import (
         SimulationOptions,
+        nothing_aggregated,
         parse_codec_list,
         simulate,
         summary_rows,
@@ -65,7 +93,7 @@ def simulate_command(
     )
 
     console = Console()
-    try:
+    try:  # the whole config, before Ray starts
         options = SimulationOptions(
             task=task or task_for(dataset, model), clients=clients, rounds=rounds,
             fraction=fraction, min_clients=min_clients, partition=partition, alpha=alpha,
@@ -74,16 +102,17 @@ def simulate_command(
             batch_size=batch_size, data_dir=data_dir, out=out, downlink=downlink,
             downlink_first_contact=downlink_first_contact,
         )
-        if downlink.strip().lower() != "none":
-            from fedge.server.downlink import DownlinkCompressor
-
-            # a bad spec fails here, before any run
-            DownlinkCompressor(downlink, first_contact=downlink_first_contact)
-
-    except (ValueError, CodecSpecError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        configs = [options.run_config(c) for c in options.codecs]
+        for config in configs:  # names, specs and ranges of every run first: no torch yet
+            validate_run_config(config, load_task=False)
+        validate_run_config(configs[0], num_partitions=clients)
+    except RunConfigError as error:
+        typer.echo(f"Error: {error.line(FLAG_KEYS)}", err=True)
         raise typer.Exit(2) from None
-    path = simulate(options, console)
+    except (ValueError, CodecSpecError) as error:
+        typer.echo(f"Error: {' '.join(str(error).split())}", err=True)
+        raise typer.Exit(2) from None
+    path = simulate(options, console, flower_log_level=log_level.number)
     table = Table(title="fedge simulate")
     for column in ("codec", "final accuracy", "uplink MB / round", "rejected"):
         table.add_column(column)
@@ -91,6 +120,10 @@ def simulate_command(
         table.add_row(*row)
     console.print(table)
     console.print(f"report: {path}\nplot:   {path.with_suffix('.png')}")
+    failure = nothing_aggregated(load_report(path))
+    if failure:
+        typer.echo(f"Error: {failure}", err=True)
+        raise typer.Exit(1)
 
 
 def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path,

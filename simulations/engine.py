@@ -62,13 +62,14 @@ def run_in_ray(
     num_clients: int,
     listeners: list[RoundListener],
     client_app: ClientApp | None = None,
+    flower_log_level: int = logging.WARNING,
 ) -> None:
     """One federated run in Flower's simulation engine; rounds reach `listeners` as they end."""
     from flwr.simulation import run_simulation
 
     server_app = make_server_app(run_config, listeners=listeners)
     client = client_app if client_app is not None else simulation_client_app(run_config)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").setLevel(flower_log_level)
     run_simulation(
         server_app=server_app,
         client_app=client,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,8 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedge.common.codec_spec import parse_codec
 from fedge.server.round_metrics import RoundMetrics
+from fedge.server.run_config import RunConfigError, check_codec
 from fedge.simulations.report import RunReport, plot_report, round_record, write_report
 
 #: what `--dataset` and `--model` select among the built-in tasks
@@ -83,25 +87,88 @@ def parse_codec_list(text: str) -> list[str]:
     """`none,int8,int4` -> validated specs (a bad one fails before any run starts)."""
     specs = [part.strip() for part in text.split(",") if part.strip()]
     if not specs:
-        raise ValueError("--codec needs at least one spec")
+        raise RunConfigError("codec", "needs at least one spec")
     for spec in specs:
-        parse_codec(spec)
+        check_codec("codec", spec)
     return specs
 
 
 Runner = Callable[[dict[str, Any], int, list[Callable[[RoundMetrics], None]]], None]
+
+#: the logger the strategy wrapper names each dropped reply on (client errors among them)
+_DROPPED_REPLIES = "fedge.server.compressed_strategy"
+#: Flower's logger: its simulation engine logs a ClientApp's exception there, traceback and all
+_FLOWER = "flwr"
+#: a traceback's closing line, `SomeError: what happened` (wrappers with an empty message skip)
+_CAUSE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (\S.*)$", re.MULTILINE)
+
+
+class _FirstRecord(logging.Handler):
+    """Keeps, as one line, the first record at `level` or above (with `cause`: the first
+    record holding a traceback's closing line, and only that line)."""
+
+    def __init__(self, level: int, cause: bool = False) -> None:
+        super().__init__(level)
+        self.cause = cause
+        self.line: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.line is not None:
+            return
+        text = record.getMessage()
+        if self.cause:
+            found = _CAUSE.search(text)
+            if found is None:
+                return
+            text = found.group(0)
+        self.line = " ".join(text.split())
+
+
+@contextmanager
+def _first_client_error() -> Iterator[Callable[[], str | None]]:
+    """While a run runs: why the first dropped reply was dropped, as one line (the client's
+    own exception when Flower logged it, else the strategy's reason)."""
+    handlers = {_DROPPED_REPLIES: _FirstRecord(logging.WARNING),
+                _FLOWER: _FirstRecord(logging.ERROR, cause=True)}
+    levels = {}
+    for name, handler in handlers.items():
+        logger = logging.getLogger(name)
+        levels[name] = logger.level
+        logger.addHandler(handler)
+        if not logger.isEnabledFor(handler.level):
+            logger.setLevel(handler.level)
+    try:
+        yield lambda: handlers[_FLOWER].line or handlers[_DROPPED_REPLIES].line
+    finally:
+        for name, handler in handlers.items():
+            logging.getLogger(name).removeHandler(handler)
+            logging.getLogger(name).setLevel(levels[name])
+
+
+def nothing_aggregated(report: dict[str, Any]) -> str | None:
+    """One line for the first run in which no round aggregated any reply, else None."""
+    for run in report["runs"]:
+        if not any(r.get("accepted") for r in run["rounds"]):
+            first = run.get("first_client_error") or "none logged (did any client answer?)"
+            return (f"codec {run['codec']}: no round of {len(run['rounds'])} aggregated "
+                    f"anything; first client error: {first}")
+    return None
 
 
 def simulate(
     options: SimulationOptions,
     console: Console | None = None,
     runner: Runner | None = None,
+    flower_log_level: int = logging.WARNING,
 ) -> Path:
-    """Run every codec in turn and write the report; returns the report.json path."""
+    """Run every codec in turn and write the report; returns the report.json path.
+
+    A run whose replies were dropped keeps the first drop's reason as
+    `first_client_error` (see `nothing_aggregated`)."""
     if runner is None:
         from fedge.simulations.engine import run_in_ray
 
-        runner = run_in_ray
+        runner = functools.partial(run_in_ray, flower_log_level=flower_log_level)
     console = console or Console()
     reports: list[RunReport] = []
     started = time.perf_counter()
@@ -125,7 +192,10 @@ def simulate(
                           f"  rejected {record.rejected}")
                 progress.update(bar, completed=record.round, status=status)
 
-            runner(options.run_config(codec), options.clients, [on_round])
+            with _first_client_error() as first_error:
+                runner(options.run_config(codec), options.clients, [on_round])
+            if first_error():
+                report.extra["first_client_error"] = first_error()
             reports.append(report)
     meta = {
         "task": options.task,

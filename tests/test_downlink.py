@@ -295,7 +295,7 @@ def test_a_device_that_lost_its_anchor_costs_one_round_then_gets_the_full_model(
 
 def _edge_fleet_rounds(tmp_path, *run_config: str) -> list[Any]:
     """3 rounds on a coordinator and 3 device processes (the third a stock ClientApp),
-    real gRPC with TLS, downlink int8; `run_config` adds KEY=VALUE pairs. Returns the
+    real gRPC with TLS, downlink int8; `run_config` adds KEY=VALUE pairs (TOML values). Returns the
     completed rounds as the store has them."""
     from test_coordinator_e2e import _completed, fleet_of
 
@@ -303,7 +303,7 @@ def _edge_fleet_rounds(tmp_path, *run_config: str) -> list[Any]:
     with fleet_of(tmp_path) as fleet:
         fleet.start_coordinator("--rounds", "3", "--min-devices", "3", "--min-train-nodes", "3",
                                 "--codec", "int8", "--round-timeout", "90",
-                                "--run-config", "downlink-codec=int8", *extra)
+                                "--run-config", 'downlink-codec="int8"', *extra)
         for i, app in enumerate(["fedge.client.client_app:app"] * 2 + ["e2e_apps:stock_app"]):
             fleet.start_device(f"dev{i}", "--partition-id", str(i), "--num-partitions", "3",
                                "--app", app)
@@ -328,7 +328,7 @@ def test_edge_fleet_over_grpc_sends_deltas_to_fedge_devices_only(tmp_path) -> No
 def test_edge_fleet_compressed_first_contact_stock_device_recovers(tmp_path) -> None:
     """With `downlink-first-contact=compressed` every message is small; the stock device
     cannot read the quantized model in round 1 and gets plain models after."""
-    rounds = _edge_fleet_rounds(tmp_path, "downlink-first-contact=compressed")
+    rounds = _edge_fleet_rounds(tmp_path, 'downlink-first-contact="compressed"')
     first, later = rounds[0].metrics, [r.metrics for r in rounds[1:]]
     assert first.accepted == 2 and first.rejected_reasons == {"client_error": 1}
     assert first.downlink_messages == {"full": 0, "first": 3, "delta": 0, "returning": 0}
