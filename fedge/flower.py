@@ -25,7 +25,7 @@ _HOMES = {
     "Compressed": ("fedge.server.compressed_strategy", "CompressedStrategy"),
 }
 
-__all__ = sorted(_HOMES)
+__all__ = ["Compressed", "compression_mod", "make_compression_mod"]
 
 
 def __getattr__(name: str) -> Any:
