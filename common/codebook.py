@@ -137,6 +137,7 @@ def fit_levels(
             sw = np.bincount(level_of, weights=hw, minlength=LEVELS)
             sy = np.bincount(level_of, weights=hy, minlength=LEVELS)
             new = np.divide(sy, sw, out=levels.copy(), where=sw > 0)
+            new[np.argmin(np.abs(new))] = 0.0  # zeros (dead units, frozen weights) stay zeros
             new.sort()
             done = float(np.abs(new - levels).max()) < FIT_TOL
             levels = new
