@@ -64,11 +64,11 @@ NF4_LEVELS = np.array(
 GRID = 127
 NBINS = 2 * GRID + 1
 # values sampled to fit the levels: runs of FIT_RUN spread evenly over the tensor.
-# 2**14 values and 12 iterations: CNN error 0.0831, against 0.0821 from 2**17 and 48
+# Lloyd iterations cost ~10 us each per tensor whatever its size; on the CNN update
+# 4 / 8 / 12 / 20 of them give 0.0841 / 0.0838 / 0.0837 / 0.0837 (docs/codec.md)
 FIT_SAMPLE = 1 << 14
 FIT_RUN = 64
-FIT_ITERS = 12
-FIT_TOL = 1e-7
+FIT_ITERS = 8
 _FP32_MAX = float(np.finfo(np.float32).max)
 # the int8 bin each byte value stands for (byte 128, int8 -128, never occurs)
 _BYTE_BIN = np.arange(256).astype(np.uint8).view(np.int8).astype(np.int64)
@@ -130,6 +130,7 @@ def fit_levels(
     hw = np.bincount(bins, weights=w, minlength=NBINS)
     hy = np.bincount(bins, weights=w * y / GRID, minlength=NBINS)
     occupied = hw > 0
+    # ascending: each bin's mean lies inside the bin (an empty bin keeps its centre)
     means = np.divide(hy, hw, out=_BIN_CENTER.copy(), where=occupied)
     if occupied.any():
         for _ in range(FIT_ITERS):
@@ -139,10 +140,7 @@ def fit_levels(
             new = np.divide(sy, sw, out=levels.copy(), where=sw > 0)
             new[np.argmin(np.abs(new))] = 0.0  # zeros (dead units, frozen weights) stay zeros
             new.sort()
-            done = float(np.abs(new - levels).max()) < FIT_TOL
             levels = new
-            if done:
-                break
     levels = np.clip(levels, -1.0, 1.0)
     level_of = np.searchsorted((levels[1:] + levels[:-1]) * 0.5, means).astype(np.uint8)
     return levels.astype(np.float32), level_of
