@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_APP_REF = "fedge.client.client_app:app"
 """fedge's own ClientApp; the runtime runs it with the compression mod added."""
-FEDGE_CODECS = ("none", "fp16", "int8", "int4", "topk")
+FEDGE_CODECS = ("none", "fp16", "int8", "int4", "nf4", "topk")
 EXIT_OK, EXIT_REVOKED = 0, 3
 
 
