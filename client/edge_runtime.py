@@ -49,6 +49,7 @@ from fedge.client.edge_session import (
 from fedge.client.uploader import Uploader
 from fedge.common.alloc import release_memory
 from fedge.common.chunking import DEFAULT_CHUNK_SIZE, check_chunk_size
+from fedge.common.codec_spec import VALUE_CODECS
 from fedge.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:  # at run time it is imported with the first task (Flower, torch)
@@ -56,7 +57,8 @@ if TYPE_CHECKING:  # at run time it is imported with the first task (Flower, tor
 
 log = logging.getLogger(__name__)
 
-FEDGE_CODECS = ("none", "fp16", "int8", "int4", "topk")
+FEDGE_CODECS = (*VALUE_CODECS, "topk")
+"""The codec names the device advertises when it runs fedge's own app."""
 EXIT_OK, EXIT_REVOKED = 0, 3
 
 

@@ -7,13 +7,15 @@ so parsing is strict and every spec has one canonical spelling.
 Grammar: stages joined by ``+``, each ``name[:opt[:opt...]]``.
 
 - value stages (exactly one): ``none`` (dense, lossless), ``fp16`` (dense
-  float16), ``int8``, ``int4`` (symmetric absmax scales per block);
+  float16), ``int8``, ``int4`` (symmetric absmax scales per block), ``nf4``
+  (4-bit indices into 16 levels fitted to each tensor, a scale per block;
+  common/codebook.py);
 - ``topk=F`` (0 < F <= 1): keep the ``max(1, round(F*n))`` largest magnitudes
   of the update's n sparsified elements, chosen across all its tensors at once
-  (``pertensor``: F of each tensor instead); needs ``int8`` or ``int4`` for the
-  kept values;
+  (``pertensor``: F of each tensor instead); needs ``int8``, ``int4`` or
+  ``nf4`` for the kept values;
 - options, on any stage, each at most once: ``block=N`` (elements per scale,
-  0 = one scale per tensor; int stages only), ``stochastic`` (unbiased
+  0 = one scale per tensor; int and nf4 stages only), ``stochastic`` (unbiased
   rounding; int stages only), ``noef`` (no error feedback; lossy specs only),
   ``small=N`` (tensors with fewer than N elements stay dense and lossless;
   lossy specs only), ``pertensor`` (topk specs only), ``ahead=A`` (0 <= A <= 1:
@@ -36,6 +38,10 @@ from fedge.common.errors import CodecSpecError
 # fixed per-update overhead on tiny models (digits MLP: ~0.258, bar 0.26).
 DEFAULT_BLOCKS = {8: 256, 4: 128}
 DEFAULT_BLOCK = DEFAULT_BLOCKS[4]
+# nf4 stores its block scales relative to the tensor's largest, so they always fit
+# float16: blocks of 64 cost 4.25 bits a value (~0.133 of fp32 on the CNN, bar
+# 0.135), and halve the error an outlier spreads against int4's 128 (docs/codec.md).
+DEFAULT_CODEBOOK_BLOCK = 64
 # Biases and norm parameters are a sliver of a model; below 256 elements a tensor
 # under a lossy codec is sent dense in fp16 (a block scale would cost more than it
 # saves, and error feedback keeps what fp16 rounding drops). The digits MLP's
@@ -49,7 +55,8 @@ DEFAULT_TOPK_AHEAD = 1.0
 MAX_BLOCK = 1 << 24
 
 #: the value stages a spec names exactly one of
-VALUE_CODECS = ("none", "fp16", "int8", "int4")
+VALUE_CODECS = ("none", "fp16", "int8", "int4", "nf4")
+_QUANTIZED_STAGES = ("int8", "int4", "nf4")
 
 
 @dataclass(frozen=True)
@@ -65,14 +72,19 @@ class CodecSpec:
     small: int = DEFAULT_SMALL
     topk_per_tensor: bool = False  # F of each tensor, not F of the whole update
     ahead: float | None = None  # None: `default_ahead`; see client/compression_mod.py
+    codebook: bool = False  # nf4: 4-bit indices into fitted levels (needs bits=4)
 
     def __post_init__(self) -> None:
         if self.bits not in (None, 4, 8):
             raise CodecSpecError(f"bits must be None, 4 or 8, not {self.bits!r}")
         if self.float16 and self.bits is not None:
             raise CodecSpecError("fp16 and int quantization are exclusive")
+        if self.codebook and self.bits != 4:
+            raise CodecSpecError(f"a codebook (nf4) needs bits=4, not {self.bits!r}")
+        if self.codebook and self.stochastic:
+            raise CodecSpecError("stochastic rounding needs int8 or int4, not nf4")
         if self.block is None:
-            object.__setattr__(self, "block", DEFAULT_BLOCKS.get(self.bits, DEFAULT_BLOCK))
+            object.__setattr__(self, "block", self.default_block)
         if not 0 <= self.block <= MAX_BLOCK:
             raise CodecSpecError(f"block must be in [0, {MAX_BLOCK}], not {self.block}")
         if self.small < 0:
@@ -83,7 +95,7 @@ class CodecSpec:
             if not (isinstance(self.topk, float | int) and 0.0 < self.topk <= 1.0):
                 raise CodecSpecError(f"topk fraction must be in (0, 1], not {self.topk!r}")
             if self.bits is None:
-                raise CodecSpecError("topk needs int8 or int4 for the kept values")
+                raise CodecSpecError("topk needs int8, int4 or nf4 for the kept values")
             object.__setattr__(self, "topk", float(self.topk))
         elif self.topk_per_tensor:
             raise CodecSpecError("pertensor applies to topk specs only")
@@ -100,6 +112,13 @@ class CodecSpec:
         if not self.lossy:
             object.__setattr__(self, "error_feedback", False)
             object.__setattr__(self, "small", DEFAULT_SMALL)
+
+    @property
+    def default_block(self) -> int:
+        """Elements per scale when `block` is not given."""
+        if self.codebook:
+            return DEFAULT_CODEBOOK_BLOCK
+        return DEFAULT_BLOCKS.get(self.bits, DEFAULT_BLOCK) if self.bits else DEFAULT_BLOCK
 
     @property
     def lossy(self) -> bool:
@@ -121,9 +140,9 @@ class CodecSpec:
         """The one spelling of this spec: topk first, options after the value stage."""
         if not self.lossy:
             return "none"
-        value = "fp16" if self.float16 else f"int{self.bits}"
+        value = "fp16" if self.float16 else "nf4" if self.codebook else f"int{self.bits}"
         opts: list[str] = []
-        if self.bits is not None and self.block != DEFAULT_BLOCKS[self.bits]:
+        if self.bits is not None and self.block != self.default_block:
             opts.append(f"block={self.block}")
         if self.stochastic:
             opts.append("stochastic")
@@ -219,7 +238,7 @@ def parse_codec(spec: str) -> CodecSpec:
             raise CodecSpecError(
                 f"topk needs a value codec for the kept values: add '+int8' or '+int4' to {spec!r}"
             )
-        raise CodecSpecError(f"no value codec (none, fp16, int8, int4) in {spec!r}")
+        raise CodecSpecError(f"no value codec (none, fp16, int8, int4, nf4) in {spec!r}")
     ahead: float | None = None
     if "ahead" in options:
         ahead = _parse_fraction(options["ahead"] or "", "ahead", spec)
@@ -227,12 +246,14 @@ def parse_codec(spec: str) -> CodecSpec:
             raise CodecSpecError(f"option 'ahead' needs error feedback, in {spec!r}")
     if "pertensor" in options and topk is None:
         raise CodecSpecError(f"option 'pertensor' applies to topk specs only, in {spec!r}")
-    if topk is not None and value not in ("int8", "int4"):
-        raise CodecSpecError(f"topk combines with int8 or int4, not {value!r}, in {spec!r}")
-    is_int = value in ("int8", "int4")
-    for key in ("block", "stochastic"):
-        if key in options and not is_int:
-            raise CodecSpecError(f"option {key!r} applies to int8/int4, not {value!r}, in {spec!r}")
+    if topk is not None and value not in _QUANTIZED_STAGES:
+        raise CodecSpecError(f"topk combines with int8, int4 or nf4, not {value!r}, in {spec!r}")
+    if "block" in options and value not in _QUANTIZED_STAGES:
+        raise CodecSpecError(f"option 'block' applies to int8/int4/nf4, not {value!r}, in {spec!r}")
+    if "stochastic" in options and value not in ("int8", "int4"):
+        raise CodecSpecError(
+            f"option 'stochastic' applies to int8/int4, not {value!r}, in {spec!r}"
+        )
     if value == "none" and options:
         raise CodecSpecError(f"'none' takes no options ({', '.join(options)}) in {spec!r}")
     block = None
@@ -246,7 +267,7 @@ def parse_codec(spec: str) -> CodecSpec:
         arg = options["small"] or ""
         small = _parse_int(arg, "small", f"small={arg}", spec)
     return CodecSpec(
-        bits={"int8": 8, "int4": 4}.get(value),
+        bits={"int8": 8, "int4": 4, "nf4": 4}.get(value),
         float16=value == "fp16",
         block=block,
         stochastic="stochastic" in options,
@@ -255,6 +276,7 @@ def parse_codec(spec: str) -> CodecSpec:
         small=small,
         topk_per_tensor="pertensor" in options,
         ahead=ahead,
+        codebook=value == "nf4",
     )
 
 

@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from fedge.common import codebook as cb
 from fedge.common import quantize as qz
 from fedge.common.codec_spec import CodecSpec
 from fedge.common.errors import UpdateRejected
@@ -133,6 +134,9 @@ def _fill_quantized(
     """Quantize 1-d float32 `values` into `msg`; residual (values - decoded) into residual_out."""
     bits = spec.bits
     assert bits is not None
+    if spec.codebook:
+        _fill_codebook(msg, name, shape, dtype, values, spec.block, residual_out)
+        return
     try:
         stored, scales = qz.choose_scales(qz.block_absmax(values, spec.block), bits)
     except ValueError as e:
@@ -146,6 +150,31 @@ def _fill_quantized(
     msg.scale_dtype = wire_dtype(stored.dtype)
     msg.scales = stored.astype(stored.dtype.newbyteorder("<"), copy=False).tobytes()
     msg.values = q.tobytes()
+
+
+def _fill_codebook(
+    msg: tensor_pb2.QuantizedTensor,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    values: np.ndarray,
+    block: int,
+    residual_out: np.ndarray | None,
+) -> None:
+    """The nf4 form of 1-d float32 `values`: fitted levels, float16 scales, 4-bit indices."""
+    try:
+        scales, levels, packed = cb.encode(values, block, residual_out)
+    except ValueError as e:
+        raise ValueError(f"tensor {name!r}: {e}") from None
+    msg.name = name
+    msg.shape.extend(shape)
+    msg.dtype = wire_dtype(dtype)
+    msg.bits = 4
+    msg.block_size = block
+    msg.scale_dtype = tensor_pb2.DTYPE_FLOAT16
+    msg.scales = scales.astype("<f2", copy=False).tobytes()
+    msg.codebook = levels.astype("<f4", copy=False).tobytes()
+    msg.values = packed.tobytes()
 
 
 def is_sparsified(array: np.ndarray, spec: CodecSpec) -> bool:
@@ -348,15 +377,18 @@ def _decode_quantized(
         if scales.min() < 0:
             raise UpdateRejected("bad_scales", f"{name!r}: negative scale")
         limit = float(np.finfo(out_dtype).max if out_dtype.itemsize < 8 else np.finfo("f4").max)
-        if float(scales.max()) * qz.QMAX[bits] > limit:
+        if not msg.codebook and float(scales.max()) * qz.QMAX[bits] > limit:
             raise UpdateRejected("non_finite", f"{name!r}: scales overflow {out_dtype}")
     q = np.frombuffer(values, np.int8 if bits == 8 else np.uint8)
     if bits == 4 and m % 2 and q[-1] >> 4:
         raise UpdateRejected("bad_values", f"{name!r}: non-zero padding nibble")
-    try:
-        decoded = qz.dequantize(q, m, scales, block, bits)
-    except ValueError as e:
-        raise UpdateRejected("bad_values", f"{name!r}: {e}") from None
+    if msg.codebook:
+        decoded = cb.decode(q, m, scales, _checked_codebook(msg, scales, out_dtype), block)
+    else:
+        try:
+            decoded = qz.dequantize(q, m, scales, block, bits)
+        except ValueError as e:
+            raise UpdateRejected("bad_values", f"{name!r}: {e}") from None
     if positions is not None:
         dense = np.zeros(n, np.float32)
         dense[positions] = decoded
@@ -364,6 +396,33 @@ def _decode_quantized(
     if out_dtype != np.float32:
         decoded = decoded.astype(out_dtype)
     return decoded.reshape(shape), n
+
+
+def _checked_codebook(
+    msg: tensor_pb2.QuantizedTensor, scales: np.ndarray, out_dtype: np.dtype
+) -> np.ndarray:
+    """The float32 levels of an nf4 tensor, after the checks its decode relies on.
+
+    Its scales were checked finite and non-negative; here the product of the
+    largest scale and level must fit the restored dtype.
+    """
+    name = msg.name
+    if msg.bits != 4:
+        raise UpdateRejected("bad_codebook", f"{name!r}: a codebook needs bits=4, not {msg.bits}")
+    if len(msg.codebook) != cb.CODEBOOK_BYTES:
+        raise UpdateRejected(
+            "bad_codebook",
+            f"{name!r}: {len(msg.codebook)} codebook bytes, expected {cb.CODEBOOK_BYTES}"
+            f" ({cb.LEVELS} float32 levels)",
+        )
+    levels = np.frombuffer(msg.codebook, "<f4").astype(np.float32)
+    if not np.isfinite(levels).all():
+        raise UpdateRejected("non_finite", f"{name!r}: codebook holds NaN or Inf")
+    if scales.size:
+        limit = float(np.finfo(out_dtype).max if out_dtype.itemsize < 8 else np.finfo("f4").max)
+        if float(scales.max()) * float(np.abs(levels).max()) > limit:
+            raise UpdateRejected("non_finite", f"{name!r}: scales x codebook overflow {out_dtype}")
+    return levels
 
 
 def decode_tensor(

@@ -26,6 +26,9 @@ CODECS = (
     "int8:block=0:small=0",
     "topk=0.05+int4:small=0",
     "topk=0.2+int8:block=16:small=0",
+    "nf4:small=0",
+    "nf4:block=0:small=0",
+    "topk=0.2+nf4:block=16:small=0",
 )
 # hostile values for numeric fields
 NASTY = (0, 1, 2, 3, 4, 7, 8, 9, 16, 127, 128, 255, 2**31, 2**32 - 1, 2**40, 2**62, 2**64 - 1)
@@ -129,6 +132,8 @@ def _field_mutation(data: bytes, rng: np.random.Generator) -> bytes:
             lambda: setattr(t, "scale_dtype", int(rng.integers(0, 12))),
             blob("scales"),
             blob("values"),
+            blob("codebook"),
+            lambda: t.ClearField("codebook"),
             lambda: setattr(t.indices, "count", nasty),
             blob_indices(t, rng),
             lambda: t.ClearField("indices"),
@@ -186,7 +191,8 @@ def test_fuzz_decode_only_raises_update_rejected() -> None:
         accepted += _check(data, expected, reasons)
         accepted += _check(data, None, reasons)
     # the fuzzer must reach the codec's own checks, not only protobuf's framing
-    for reason in ("malformed", "bad_scales", "bad_length", "bad_indices", "shape_mismatch"):
+    reach = ("malformed", "bad_scales", "bad_length", "bad_indices", "shape_mismatch")
+    for reason in (*reach, "bad_codebook"):
         assert reasons[reason] > 0, reasons
     assert len(reasons) >= 10, reasons
     assert 0 < accepted < 2 * CASES

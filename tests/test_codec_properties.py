@@ -93,7 +93,18 @@ def test_stochastic_rounding_is_unbiased(bits: int) -> None:
 
 
 SHAPES = [(), (1,), (7,), (0,), (3, 0, 2), (5, 3), (2, 3, 5)]
-CODECS = ["none", "fp16", "int8", "int4", "int4:block=0", "topk=0.3+int4", "int8:stochastic"]
+CODECS = [
+    "none",
+    "fp16",
+    "int8",
+    "int4",
+    "int4:block=0",
+    "topk=0.3+int4",
+    "int8:stochastic",
+    "nf4",
+    "nf4:block=0",
+    "topk=0.3+nf4",
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -207,7 +218,17 @@ def test_pertensor_keeps_the_fraction_of_each_tensor() -> None:
 @SETTINGS
 @given(
     codec=st.sampled_from(
-        ["int8", "int4", "fp16", "topk=0.05+int4", "topk=0.2+int8:block=16", "int4:stochastic"]
+        [
+            "int8",
+            "int4",
+            "fp16",
+            "topk=0.05+int4",
+            "topk=0.2+int8:block=16",
+            "int4:stochastic",
+            "nf4",
+            "nf4:block=7",
+            "topk=0.1+nf4",
+        ]
     ),
     rounds=st.integers(min_value=1, max_value=6),
     n=st.integers(min_value=1, max_value=3000),
@@ -234,7 +255,7 @@ def test_error_feedback_conserves_the_sum(codec: str, rounds: int, n: int, seed:
 
 def test_error_feedback_off_returns_no_residual() -> None:
     x = np.random.default_rng(0).standard_normal(5000).astype(np.float32)
-    for codec in ("none", "int8:noef", "topk=0.1+int4:noef", "fp16:noef"):
+    for codec in ("none", "int8:noef", "topk=0.1+int4:noef", "fp16:noef", "nf4:noef"):
         _, residual = encode_update({"t": x}, codec)
         assert residual == {}
 
@@ -244,7 +265,7 @@ def test_encode_does_not_touch_inputs() -> None:
     x = rng.standard_normal(5000).astype(np.float32)
     r = rng.standard_normal(5000).astype(np.float32)
     x0, r0 = x.copy(), r.copy()
-    for codec in ("int8", "int4", "topk=0.01+int4", "fp16", "int8:noef"):
+    for codec in ("int8", "int4", "topk=0.01+int4", "fp16", "int8:noef", "nf4", "topk=0.01+nf4"):
         _, new = encode_update({"t": x}, codec, residual={"t": r})
         assert np.array_equal(x, x0) and np.array_equal(r, r0)
         if new:

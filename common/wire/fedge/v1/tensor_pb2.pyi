@@ -49,7 +49,7 @@ class SparseIndices(_message.Message):
     def __init__(self, count: _Optional[int] = ..., delta_varint: _Optional[bytes] = ...) -> None: ...
 
 class QuantizedTensor(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "bits", "block_size", "scales", "scale_dtype", "values", "indices")
+    __slots__ = ("name", "shape", "dtype", "bits", "block_size", "scales", "scale_dtype", "values", "indices", "codebook")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class QuantizedTensor(_message.Message):
     SCALE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
+    CODEBOOK_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
@@ -68,7 +69,8 @@ class QuantizedTensor(_message.Message):
     scale_dtype: DType
     values: bytes
     indices: SparseIndices
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., bits: _Optional[int] = ..., block_size: _Optional[int] = ..., scales: _Optional[bytes] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., values: _Optional[bytes] = ..., indices: _Optional[_Union[SparseIndices, _Mapping]] = ...) -> None: ...
+    codebook: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., bits: _Optional[int] = ..., block_size: _Optional[int] = ..., scales: _Optional[bytes] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., values: _Optional[bytes] = ..., indices: _Optional[_Union[SparseIndices, _Mapping]] = ..., codebook: _Optional[bytes] = ...) -> None: ...
 
 class EncodedTensor(_message.Message):
     __slots__ = ("dense", "quantized")
