@@ -120,11 +120,11 @@ def cnn_delta_arrays(
 ) -> tuple[dict[str, np.ndarray], str]:
     """(a real update of the FedAvg CNN: weights after `steps` SGD steps minus before,
     the data it trained on). Deterministic: seeded data, init and shuffling, one thread."""
-    from fedge.common.models import build_model
+    from fedge.common.models import FedAvgCNN
     from fedge.common.training import torch_threads, train
 
     x, y, source = _delta_data(steps * batch_size, seed)
-    model = build_model("fedavg-cnn", seed=seed)
+    model = FedAvgCNN(seed=seed)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with torch_threads(1):
         train(model, x, y, epochs=1, batch_size=batch_size, lr=DELTA_LR, seed=seed)
