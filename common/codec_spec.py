@@ -83,9 +83,9 @@ class CodecSpec:
             raise CodecSpecError(f"a codebook (nf4) needs bits=4, not {self.bits!r}")
         if self.codebook and self.stochastic:
             raise CodecSpecError("stochastic rounding needs int8 or int4, not nf4")
-        if self.block is None:
-            object.__setattr__(self, "block", self.default_block)
-        if not 0 <= self.block <= MAX_BLOCK:
+        block = self.default_block if self.block is None else self.block
+        object.__setattr__(self, "block", block)
+        if not 0 <= block <= MAX_BLOCK:
             raise CodecSpecError(f"block must be in [0, {MAX_BLOCK}], not {self.block}")
         if self.small < 0:
             raise CodecSpecError(f"small must be >= 0, not {self.small}")
@@ -102,13 +102,13 @@ class CodecSpec:
         # Normalise fields that have no effect, so equal canonical strings mean equal specs.
         if self.bits is None:
             object.__setattr__(self, "block", DEFAULT_BLOCK)
-        if self.ahead is None:
-            object.__setattr__(self, "ahead", self.default_ahead)
-        elif not (isinstance(self.ahead, float | int) and 0.0 <= self.ahead <= 1.0):
-            raise CodecSpecError(f"ahead must be in [0, 1], not {self.ahead!r}")
-        elif self.ahead and not self.uses_error_feedback:
-            raise CodecSpecError("ahead needs error feedback (a lossy spec without noef)")
-        object.__setattr__(self, "ahead", float(self.ahead))
+        ahead = self.default_ahead if self.ahead is None else self.ahead
+        if self.ahead is not None:
+            if not (isinstance(ahead, float | int) and 0.0 <= ahead <= 1.0):
+                raise CodecSpecError(f"ahead must be in [0, 1], not {ahead!r}")
+            if ahead and not self.uses_error_feedback:
+                raise CodecSpecError("ahead needs error feedback (a lossy spec without noef)")
+        object.__setattr__(self, "ahead", float(ahead))
         if not self.lossy:
             object.__setattr__(self, "error_feedback", False)
             object.__setattr__(self, "small", DEFAULT_SMALL)

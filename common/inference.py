@@ -260,7 +260,7 @@ def _int8_linear(model: nn.Module, mf: ModelFile) -> list[tuple[str, nn.Module]]
             values, scales = mf.int8_rows[key]
             if values.shape == tuple(module.weight.shape):
                 swaps.append((name, module, values, scales))
-    made = []
+    made: list[tuple[str, nn.Module]] = []
     try:
         with warnings.catch_warnings():
             # torch 2.13 marks quantized tensors deprecated (moving to torchao); still supported
@@ -283,7 +283,7 @@ def _int8_linear(model: nn.Module, mf: ModelFile) -> list[tuple[str, nn.Module]]
                 made.append((name, layer))
     except (RuntimeError, AttributeError, TypeError, NotImplementedError):
         return []  # this torch cannot build them: keep every layer in float
-    originals = [(name, module) for name, module, _, _ in swaps]
+    originals: list[tuple[str, nn.Module]] = [(name, module) for name, module, _, _ in swaps]
     _put_back(model, made)
     return originals
 

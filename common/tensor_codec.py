@@ -254,7 +254,7 @@ def fill_encoded(
         if topk_share is None:
             positions = select_topk(x, topk_count(x.size, spec.topk))
         else:
-            positions = select_topk(x, topk_share.count, topk_share.threshold)
+            positions = select_topk(x, topk_share.kept, topk_share.threshold)
         kept = x[positions]
         kept_res = np.empty_like(kept) if track else None
         _fill_quantized(quant, name, a.shape, a.dtype, kept, spec, rng_used, kept_res)

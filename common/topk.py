@@ -31,7 +31,7 @@ def topk_count(n: int, fraction: float) -> int:
 class TopkShare(NamedTuple):
     """One tensor's part of an update-wide top k: how many it keeps, and the k-th magnitude."""
 
-    count: int
+    kept: int
     threshold: float
 
 
@@ -59,7 +59,7 @@ def select_topk(x: np.ndarray, k: int, threshold: float | None = None) -> np.nda
 def split_topk(values: Mapping[str, np.ndarray], fraction: float) -> dict[str, TopkShare]:
     """Each tensor's share when `fraction` of all the tensors' elements are kept.
 
-    `select_topk(x, share.count, share.threshold)` per tensor then keeps the
+    `select_topk(x, share.kept, share.threshold)` per tensor then keeps the
     update-wide top k: every element above the k-th magnitude, ties to earlier
     tensors.
     """

@@ -131,7 +131,7 @@ class _SgdStep:
     """
 
     def __init__(
-        self, params: list[torch.Tensor], *, lr: float, momentum: float, weight_decay: float
+        self, params: Sequence[torch.Tensor], *, lr: float, momentum: float, weight_decay: float
     ) -> None:
         self.params = params
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)

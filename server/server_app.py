@@ -274,7 +274,7 @@ class _RoundRecorder:
                 self.initial = (loss, accuracy)
         else:
             self._record(server_round, loss, accuracy, arrays)
-        if loss is None:
+        if loss is None or accuracy is None:
             return None
         return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
 

@@ -53,10 +53,10 @@ class MemoryUpload(Assembler):
         return self.finish()
 
     def close(self) -> None:
-        self._parts = []
+        self._parts.clear()
 
     def discard(self) -> None:
-        self._parts = []
+        self._parts.clear()
         self.path.unlink(missing_ok=True)
 
 
