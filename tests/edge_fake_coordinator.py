@@ -1,12 +1,16 @@
-"""A small real coordinator for the edge runtime's tests: grpc.aio on 127.0.0.1, in memory.
+"""A coordinator for byte-exact fault injection in the edge runtime's tests: grpc.aio, in memory.
 
-It implements `fedge.v1.Coordinator` with the semantics of docs/coordinator.md
-in the simplest way that is still honest (sessions, per-device queues,
-chunked downloads that resume, resumable uploads checked by `Assembler`,
-the documented status codes, results decoded as Flower messages), and
-nothing else: no SQLite, no Grid, no ServerApp. It exists so the device
-side can be tested end to end before, and independently of, fedge's real
-coordinator. Fault hooks let a test break transfers at a chosen byte.
+The device's protocol paths are tested against the REAL service
+(tests/test_edge_real_coordinator.py, through `coordinator_harness` and
+`coordinator_proxy`). This stand-in stays for faults the real service cannot
+be made to show on cue: an upload aborted with a chosen status after a chosen
+byte, an upload stalled until the device is killed, sessions dropped. Where
+it answers, it answers as `server/coordinator_service.py` does
+(docs/coordinator.md): a download offset past the end is OUT_OF_RANGE, a
+delivered task without an accepted result is offered again to a device that
+pulls, a closed task is refused FAILED_PRECONDITION by PullTask, PushResult
+and GetUploadOffset alike. It has no SQLite, no Grid, no mTLS and no
+signatures: tests of those use the real service.
 """
 
 from __future__ import annotations
@@ -72,7 +76,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         # one-shot fault hooks, by task id
         self.abort_after: dict[str, tuple[int, grpc.StatusCode]] = {}
         self.stall_after: dict[str, int] = {}
-        self.break_download_after: dict[str, int] = {}
         self.stalled: set[str] = set()
         self.revoked: set[str] = set()
         self.server: grpc.aio.Server | None = None
@@ -162,6 +165,17 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no task {task_id!r} for you")
         return task
 
+    def _next(self, device: str) -> FakeTask | None:
+        """The device's oldest task without an accepted result, delivered or not (a device
+        pulls only when it holds no task: one delivered before was lost)."""
+        queue = self.queues[device]
+        while queue and self.tasks[queue[0]].state in ("done", "closed"):
+            queue.popleft()
+        for task_id in queue:
+            if self.tasks[task_id].state in ("queued", "delivered"):
+                return self.tasks[task_id]
+        return None
+
     # ------------------------------------------------------------------- RPCs
 
     async def Join(self, request, context):
@@ -188,7 +202,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         task = self.tasks.get(request.task_id)
         return pb.HeartbeatReply(
             heartbeat_interval_s=self.heartbeat_interval_s,
-            task_available=bool(self.queues[device]),
+            task_available=self._next(device) is not None,
             task_cancelled=bool(task and task.state == "closed"),
         )
 
@@ -197,18 +211,21 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         chunk = min(request.max_chunk_bytes or self.chunk_size, self.chunk_size)
         if request.task_id:
             task = await self._task_of(request.task_id, device, context)
-            if task.state == "closed":
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "round closed")
+            if task.state in ("closed", "done"):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"task is {task.state}")
             offset = int(request.offset)
             if offset > len(task.payload):
-                offset = 0
+                await context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"offset {offset} past the task's {len(task.payload)} bytes",
+                )
         else:
             deadline = time.monotonic() + min(request.wait_s, self.max_wait_s)
-            while not self.queues[device] and time.monotonic() < deadline:
+            while self._next(device) is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            if not self.queues[device]:
+            task = self._next(device)
+            if task is None:
                 return
-            task = self.tasks[self.queues[device].popleft()]
             task.state = "delivered"
             offset = 0
         self.download_offsets.append((task.envelope.task_id, offset))
@@ -216,10 +233,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         header.CopyFrom(task.envelope)
         header.offset = offset
         yield pb.TaskChunk(header=header)
-        limit = self.break_download_after.pop(task.envelope.task_id, None)
         for at in range(offset, len(task.payload), chunk):
-            if limit is not None and at >= limit:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "link dropped (test)")
             yield pb.TaskChunk(data=pb.Chunk(offset=at, data=task.payload[at : at + chunk]))
 
     async def PushResult(self, request_iterator, context):
@@ -239,7 +253,9 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             size = len(self.results[h.task_id])
             return pb.PushResultReply(accepted=True, offset=size, duplicate=True)
         if task.state == "closed":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "round closed")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "round closed or task expired"
+            )
         up = self.uploads.get(h.task_id)
         if up is None or (up.asm.total_size, up.asm.sha256) != (h.total_size, h.sha256):
             try:
@@ -295,6 +311,10 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             return pb.GetUploadOffsetReply(
                 offset=len(result), total_size=len(result), sha256=sha256_hex(result),
                 complete=True,
+            )
+        if self.tasks[request.task_id].state == "closed":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "round closed or task expired"
             )
         up = self.uploads.get(request.task_id)
         if up is None:

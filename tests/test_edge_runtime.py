@@ -1,4 +1,9 @@
-"""The edge runtime against a real grpc.aio coordinator on 127.0.0.1 (tests/edge_fake_coordinator).
+"""The edge runtime against a grpc.aio coordinator on 127.0.0.1 (tests/edge_fake_coordinator).
+
+The protocol paths that the real service can show (download resume, closed
+rounds, OUT_OF_RANGE, a lost task offered again) are tested against the real
+coordinator service in tests/test_edge_real_coordinator.py; this file keeps
+the fake for faults injected at a chosen byte and for coordinator restarts.
 
 In-process devices (`EdgeDevice.run()` on the test's event loop, the ClientApp
 in its worker thread) for the protocol paths; real device processes
@@ -17,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -105,12 +111,13 @@ def _spy_train(msg: Message, context: Context) -> Message:
 
 
 slow_app = ClientApp()
-"""Trains for a long time (a few seconds): a stop must not wait for it."""
+"""Trains until the test sets `SLOW_RELEASE`: a stop must not wait for it."""
+SLOW_RELEASE = threading.Event()
 
 
 @slow_app.train()
 def _slow_train(msg: Message, context: Context) -> Message:
-    time.sleep(4)
+    SLOW_RELEASE.wait(120)
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
 
 
@@ -262,19 +269,6 @@ async def test_upload_resumes_at_the_coordinators_offset(fake, tmp_path) -> None
     assert device.completed[-1].bytes_up >= len(result)
 
 
-async def test_interrupted_download_resumes(fake, tmp_path) -> None:
-    device = make_device(fake.address, tmp_path / "dev", chunk_size=1024)
-    async with running(device):
-        payload = train_payload(device.session.node_id)
-        tid = fake.add_task(device.identity.device_id, payload, run_id=11, round_=1,
-                            run_config_json=RUN_CONFIG)
-        fake.break_download_after[tid] = 4096
-        await fake.wait_until(lambda: tid in fake.results, 60)
-        await fake.wait_until(lambda: len(device.completed) == 1, 5)
-    assert fake.download_offsets == [(tid, 0), (tid, 4096)]
-    assert device.completed[-1].bytes_down == len(payload)  # each byte once
-
-
 async def test_killed_device_finishes_its_upload_from_the_outbox(fake, tmp_path) -> None:
     folder = tmp_path / "dev"
     proc = await spawn(fake, folder, "--chunk-size", "1024", "--partition-id", "1",
@@ -363,8 +357,7 @@ async def test_device_backs_off_and_rejoins_a_restarted_coordinator(fake, tmp_pa
         device_id = device.identity.device_id
         port, devices = fake.port, dict(fake.devices)
         await fake.stop()
-        await asyncio.sleep(1.5)  # a few failed attempts while it is gone
-        assert device.backoff.failures >= 1
+        await fake.wait_until(lambda: device.backoff.failures >= 2, 30)  # retries while gone
         fresh = FakeCoordinator()
         fresh.devices = devices  # a restarted coordinator remembers devices, not sessions
         await fresh.start(port=port)
@@ -379,21 +372,9 @@ async def test_device_backs_off_and_rejoins_a_restarted_coordinator(fake, tmp_pa
             await fresh.stop()
 
 
-async def test_result_for_a_closed_round_is_dropped(fake, tmp_path) -> None:
-    device = make_device(fake.address, tmp_path / "dev")
-    async with running(device):
-        tid = fake.add_task(device.identity.device_id, train_payload(device.session.node_id),
-                            run_id=11, round_=1, run_config_json=RUN_CONFIG)
-        await fake.wait_until(lambda: fake.tasks[tid].state == "delivered", 10)
-        fake.close_task(tid)
-        await fake.wait_until(lambda: len(device.completed) == 1, 60)
-    assert tid not in fake.results
-    assert device.completed[-1].outcome.startswith("dropped")
-    assert device.folder.outbox() == []
-
-
 async def test_stop_during_training_abandons_the_task_at_once(fake, tmp_path) -> None:
     ref = "test_edge_runtime:slow_app"
+    SLOW_RELEASE.clear()
     device = make_device(fake.address, tmp_path / "dev", client_app_ref=ref)
     task = asyncio.create_task(device.run())
     session = await asyncio.wait_for(device.wait_joined(), 10)
@@ -401,10 +382,12 @@ async def test_stop_during_training_abandons_the_task_at_once(fake, tmp_path) ->
     # heartbeats go on while it trains, saying so (DEVICE_STATE_WORKING)
     await fake.wait_until(lambda: any(h.state == 2 for h in fake.heartbeats), 10)
     assert device.worker_busy
-    started = time.monotonic()
-    device.stop()
-    assert await asyncio.wait_for(task, 5) == 0
-    assert time.monotonic() - started < 1.0 and device.worker_busy  # not waited for
+    try:
+        device.stop()
+        assert await asyncio.wait_for(task, 30) == 0  # (the bound only guards a hang)
+        assert device.worker_busy  # stopped while the app still trains: not waited for
+    finally:
+        SLOW_RELEASE.set()
 
 
 async def test_revoked_device_stops_with_exit_code_3(fake, tmp_path) -> None:
@@ -429,8 +412,8 @@ async def test_tls_is_the_default(fake, tmp_path) -> None:
         # without the coordinator's CA the device cannot join (and keeps retrying)
         untrusting = make_device(secure.address, tmp_path / "dev2", insecure=False)
         task = asyncio.create_task(untrusting.run())
-        await asyncio.sleep(1.0)
-        assert untrusting.session is None and untrusting.backoff.failures >= 1
+        await secure.wait_until(lambda: untrusting.backoff.failures >= 2, 30)
+        assert untrusting.session is None
         untrusting.stop()
         assert await asyncio.wait_for(task, 5) == 0
     finally:
