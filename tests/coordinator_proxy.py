@@ -3,10 +3,11 @@
 `LinkProxy` serves `fedge.v1.Coordinator` on 127.0.0.1 and forwards every
 call to a real `CoordinatorService` (`coordinator_harness.ServiceHarness`).
 Every answer a device sees is the real service's; the proxy only plays the
-link: it can cut a download after a chosen byte, cut an upload after a
-chosen byte while the coordinator's end of that stream stays open (a
-half-open TCP connection the coordinator has not noticed yet), and corrupt
-a resume offset in transit. It records what went through, and the status
+link: it can cut a download after a chosen byte, stall one there (the
+stream stays open and silent), cut an upload after a chosen byte while the
+coordinator's end of that stream stays open (a half-open TCP connection the
+coordinator has not noticed yet), flip a bit of an upload, and corrupt a
+resume offset in transit. It records what went through, and the status
 the real service answered, so a test can assert on both sides.
 """
 
@@ -54,7 +55,10 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
         self.on_download_cut: dict[str, Callable[[], None]] = {}
         self.cut_upload_after: dict[str, int] = {}
         self.resume_offset_shift: dict[str, int] = {}
+        self.stall_download_after: dict[str, int] = {}
+        self.corrupt_uploads: dict[str, int] = {}  # streams of this task with one bit flipped
         self.held: dict[str, _HeldUpload] = {}
+        self.stalled: set[str] = set()
         self.changed = asyncio.Event()  # set whenever something is recorded
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CoordinatorStub | None = None
@@ -155,7 +159,7 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
         self.seen.pulls.append((request.task_id, int(forwarded.offset)))
         self._note()
         call = self._stub.PullTask(forwarded)
-        task_id, cut = "", None
+        task_id, cut, stall = "", None, None
         try:
             async for chunk in call:
                 if chunk.WhichOneof("part") == "header":
@@ -163,8 +167,13 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
                     self.seen.headers.append((task_id, int(chunk.header.offset)))
                     self._note()
                     cut = self.cut_download_after.pop(task_id, None)
+                    stall = self.stall_download_after.pop(task_id, None)
                     yield chunk
                     continue
+                if stall is not None and chunk.data.offset >= stall:
+                    self.stalled.add(task_id)
+                    self._note()
+                    await asyncio.Event().wait()  # silent until the device gives up
                 if cut is not None and chunk.data.offset >= cut:
                     call.cancel()
                     hook = self.on_download_cut.pop(task_id, None)
@@ -174,6 +183,8 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
                 yield chunk
         except grpc.aio.AioRpcError as e:
             await self._refused("PullTask", request.task_id, e, context)
+        finally:
+            call.cancel()  # the device went away (a stall it gave up on): so does the link
 
     # ------------------------------------------------------------ result upload
 
@@ -187,13 +198,22 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
         self.seen.pushes.append((task_id, int(first.header.offset)))
         self._note()
         cut = self.cut_upload_after.pop(task_id, None)
+        corrupt = self.corrupt_uploads.get(task_id, 0) > 0
+        if corrupt:
+            self.corrupt_uploads[task_id] -= 1
         forwarded = 0
 
         async def forward() -> None:
-            nonlocal forwarded
+            nonlocal forwarded, corrupt
             with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
                 await call.write(first)
                 async for msg in stream:
+                    if corrupt and msg.data.data:
+                        flipped = bytearray(msg.data.data)
+                        flipped[0] ^= 0x01
+                        msg = pb.ResultChunk(data=pb.Chunk(offset=msg.data.offset,
+                                                           data=bytes(flipped)))
+                        corrupt = False
                     await call.write(msg)
                     forwarded += len(msg.data.data)
                     if cut is not None and forwarded >= cut:

@@ -59,10 +59,10 @@ def _apps_reset() -> None:
     edge_test_apps.RELEASE.clear()
 
 
-def make_device(target: str, folder: Path, app: str = "echo_app") -> EdgeDevice:
+def make_device(target: str, folder: Path, app: str = "echo_app", **kwargs) -> EdgeDevice:
     return EdgeDevice(
         target, folder, insecure=True, name="real-test", chunk_size=CHUNK, poll_wait_s=1.0,
-        base_backoff=0.05, max_backoff=0.2, client_app_ref=f"edge_test_apps:{app}",
+        base_backoff=0.05, max_backoff=0.2, client_app_ref=f"edge_test_apps:{app}", **kwargs,
     )
 
 
@@ -199,6 +199,26 @@ async def test_download_of_a_closed_round_is_given_up(
     assert result_status(coordinator, nxt) == ResultStatus.COMPLETE
 
 
+async def test_a_silent_download_is_resumed_after_the_progress_timeout(
+    coordinator, link, tmp_path, caplog
+) -> None:
+    """docs/edge.md: each download chunk must arrive within the stall timeout (60 s; 1 s
+    here). The link goes silent mid-task without closing; the device gives up on that
+    stream and asks for the rest from the bytes it holds."""
+    caplog.set_level(logging.INFO, logger="fedge.client")
+    device = make_device(link.target, tmp_path / "dev", stall_timeout_s=1.0)
+    async with running(device) as dev:
+        tid = push(coordinator, dev.session.node_id)
+        link.stall_download_after[tid] = 2 * CHUNK
+        size = task_size(coordinator, tid)
+        await until(lambda: stats_of(dev, tid), "the task answered")
+    assert tid in link.stalled
+    assert "task stream stalled for 1 s" in caplog.text
+    assert [p for p in link.seen.pulls if p[0] == tid] == [(tid, 2 * CHUNK)]
+    assert stats_of(device, tid)[0].bytes_down == size
+    assert result_status(coordinator, tid) == ResultStatus.COMPLETE
+
+
 # ------------------------------------------------------------------ closed rounds
 
 
@@ -304,6 +324,32 @@ async def test_upload_answered_out_of_range_resumes_at_the_held_offset(
     assert row.status == ResultStatus.COMPLETE
     assert stats.bytes_up >= row.total_size  # resends included
     accepted_reply(coordinator, tid)
+
+
+async def test_data_loss_is_sent_again_from_zero_at_most_twice(
+    coordinator, link, tmp_path
+) -> None:
+    """docs/edge.md: DATA_LOSS (the real service found the SHA-256 wrong once all bytes
+    were in) sends the result again from 0, at most twice; a third one drops it."""
+    device = make_device(link.target, tmp_path / "dev")
+    async with running(device) as dev:
+        healed = push(coordinator, dev.session.node_id)
+        link.corrupt_uploads[healed] = 2  # a bit flipped in transit, twice
+        await until(lambda: stats_of(dev, healed), "the first result handled")
+        accepted_reply(coordinator, healed)  # (before round 2 opens and ends round 1)
+        hopeless = push(coordinator, dev.session.node_id, server_round=2)
+        link.corrupt_uploads[hopeless] = 10  # every send is damaged
+        await until(lambda: stats_of(dev, hopeless), "the second result handled")
+    assert refusals_of(link, healed) == [("PushResult", "DATA_LOSS")] * 2
+    assert [p for p in link.seen.pushes if p[0] == healed] == [(healed, 0)] * 3
+    assert stats_of(device, healed)[0].outcome == "accepted"
+    assert result_status(coordinator, healed) == ResultStatus.COMPLETE
+
+    assert refusals_of(link, hopeless) == [("PushResult", "DATA_LOSS")] * 3
+    assert [p for p in link.seen.pushes if p[0] == hopeless] == [(hopeless, 0)] * 3
+    assert stats_of(device, hopeless)[0].outcome == "dropped"
+    assert result_status(coordinator, hopeless) != ResultStatus.COMPLETE
+    assert device.folder.outbox() == []
 
 
 # ------------------------------------------------------------------ processes
