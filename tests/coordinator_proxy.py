@@ -3,8 +3,8 @@
 `LinkProxy` serves `fedge.v1.Coordinator` on 127.0.0.1 and forwards every
 call to a real `CoordinatorService` (`coordinator_harness.ServiceHarness`).
 Every answer a device sees is the real service's; the proxy only plays the
-link: it can cut a download after a chosen byte, stall one there (the
-stream stays open and silent), cut an upload after a chosen byte while the
+link: it can cut a download after a chosen byte, stall a download or an
+upload there (the stream stays open and silent), cut an upload after a chosen byte while the
 coordinator's end of that stream stays open (a half-open TCP connection the
 coordinator has not noticed yet), flip a bit of an upload, and corrupt a
 resume offset in transit. It records what went through, and the status
@@ -56,6 +56,7 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
         self.cut_upload_after: dict[str, int] = {}
         self.resume_offset_shift: dict[str, int] = {}
         self.stall_download_after: dict[str, int] = {}
+        self.stall_upload_after: dict[str, int] = {}
         self.corrupt_uploads: dict[str, int] = {}  # streams of this task with one bit flipped
         self.held: dict[str, _HeldUpload] = {}
         self.stalled: set[str] = set()
@@ -198,6 +199,7 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
         self.seen.pushes.append((task_id, int(first.header.offset)))
         self._note()
         cut = self.cut_upload_after.pop(task_id, None)
+        stall = self.stall_upload_after.pop(task_id, None)
         corrupt = self.corrupt_uploads.get(task_id, 0) > 0
         if corrupt:
             self.corrupt_uploads[task_id] -= 1
@@ -218,6 +220,10 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
                     forwarded += len(msg.data.data)
                     if cut is not None and forwarded >= cut:
                         return  # the link breaks here; the coordinator's stream stays open
+                    if stall is not None and forwarded >= stall:
+                        self.stalled.add(task_id)
+                        self._note()
+                        await asyncio.Event().wait()  # reads no more: the device's writes block
                 await call.done_writing()
 
         writer = asyncio.create_task(forward())
@@ -232,5 +238,9 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
         except grpc.aio.AioRpcError as e:
             writer.cancel()
             await self._refused("PushResult", task_id, e, context)
+        except asyncio.CancelledError:  # the device gave up on this stream: the link dies
+            writer.cancel()
+            call.cancel()
+            raise
         await writer
         return reply

@@ -43,6 +43,23 @@ def _reply(msg: Message) -> Message:
     return Message(content, reply_to=msg)
 
 
+big_app = ClientApp()
+"""Replies with `BIG_REPLY_BYTES`: more than gRPC's flow-control windows hold in flight."""
+BIG_REPLY_BYTES = 24 << 20
+
+
+@big_app.train()
+def _big(msg: Message, context: Context) -> Message:
+    values = np.arange(BIG_REPLY_BYTES, dtype=np.uint32).astype(np.uint8)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(values)}),
+            "metrics": MetricRecord({"num-examples": 10}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
 @echo_app.train()
 def _echo(msg: Message, context: Context) -> Message:
     return _reply(msg)

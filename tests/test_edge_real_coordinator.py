@@ -60,8 +60,9 @@ def _apps_reset() -> None:
 
 
 def make_device(target: str, folder: Path, app: str = "echo_app", **kwargs) -> EdgeDevice:
+    kwargs.setdefault("chunk_size", CHUNK)
     return EdgeDevice(
-        target, folder, insecure=True, name="real-test", chunk_size=CHUNK, poll_wait_s=1.0,
+        target, folder, insecure=True, name="real-test", poll_wait_s=1.0,
         base_backoff=0.05, max_backoff=0.2, client_app_ref=f"edge_test_apps:{app}", **kwargs,
     )
 
@@ -324,6 +325,28 @@ async def test_upload_answered_out_of_range_resumes_at_the_held_offset(
     assert row.status == ResultStatus.COMPLETE
     assert stats.bytes_up >= row.total_size  # resends included
     accepted_reply(coordinator, tid)
+
+
+async def test_a_stalled_upload_is_resumed_after_the_progress_timeout(
+    coordinator, link, tmp_path, caplog
+) -> None:
+    """docs/edge.md: each upload write must progress within the stall timeout (60 s; 1 s
+    here). The link stops taking bytes mid-upload without closing; the device gives up on
+    that stream and finishes the upload on a new one."""
+    caplog.set_level(logging.INFO, logger="fedge.client")
+    device = make_device(link.target, tmp_path / "dev", app="big_app", stall_timeout_s=1.0,
+                         chunk_size=256 << 10)
+    async with running(device) as dev:
+        tid = push(coordinator, dev.session.node_id)
+        link.stall_upload_after[tid] = 1 << 20
+        await until(lambda: stats_of(dev, tid), "the result handled", guard_s=120)
+    assert tid in link.stalled
+    assert "upload stalled for 1 s" in caplog.text
+    assert len([p for p in link.seen.pushes if p[0] == tid]) >= 2
+    assert stats_of(device, tid)[0].outcome == "accepted"
+    row = coordinator.store.get_result(tid)
+    assert row.status == ResultStatus.COMPLETE
+    assert row.total_size > edge_test_apps.BIG_REPLY_BYTES
 
 
 async def test_data_loss_is_sent_again_from_zero_at_most_twice(
