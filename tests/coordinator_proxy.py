@@ -4,7 +4,8 @@
 call to a real `CoordinatorService` (`coordinator_harness.ServiceHarness`).
 Every answer a device sees is the real service's; the proxy only plays the
 link: it can cut a download after a chosen byte, stall a download or an
-upload there (the stream stays open and silent), cut an upload after a chosen byte while the
+upload there (the stream stays open and silent), end an upload's stream
+cleanly after a chosen byte, cut an upload after a chosen byte while the
 coordinator's end of that stream stays open (a half-open TCP connection the
 coordinator has not noticed yet), flip a bit of an upload, and corrupt a
 resume offset in transit. It records what went through, and the status
@@ -42,6 +43,8 @@ class Recorded:
     # (rpc, task id, status name) of every call the real service answered with an error
     refusals: list[tuple[str, str, str]] = field(default_factory=list)
     heartbeats: list[pb.HeartbeatReply] = field(default_factory=list)
+    heartbeat_states: list[int] = field(default_factory=list)  # the device's reported state
+    uploaded: dict[str, int] = field(default_factory=dict)  # data bytes the service got, by task
 
 
 class LinkProxy(pb_grpc.CoordinatorServicer):
@@ -57,6 +60,7 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
         self.resume_offset_shift: dict[str, int] = {}
         self.stall_download_after: dict[str, int] = {}
         self.stall_upload_after: dict[str, int] = {}
+        self.end_upload_after: dict[str, int] = {}  # the stream ends cleanly, short
         self.corrupt_uploads: dict[str, int] = {}  # streams of this task with one bit flipped
         self.held: dict[str, _HeldUpload] = {}
         self.stalled: set[str] = set()
@@ -123,6 +127,7 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
         except grpc.aio.AioRpcError as e:
             await self._refused("Heartbeat", request.task_id, e, context)
         self.seen.heartbeats.append(reply)
+        self.seen.heartbeat_states.append(int(request.state))
         self._note()
         return reply
 
@@ -200,6 +205,7 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
         self._note()
         cut = self.cut_upload_after.pop(task_id, None)
         stall = self.stall_upload_after.pop(task_id, None)
+        end = self.end_upload_after.pop(task_id, None)
         corrupt = self.corrupt_uploads.get(task_id, 0) > 0
         if corrupt:
             self.corrupt_uploads[task_id] -= 1
@@ -218,6 +224,11 @@ class LinkProxy(pb_grpc.CoordinatorServicer):
                         corrupt = False
                     await call.write(msg)
                     forwarded += len(msg.data.data)
+                    self.seen.uploaded[task_id] = (
+                        self.seen.uploaded.get(task_id, 0) + len(msg.data.data)
+                    )
+                    if end is not None and forwarded >= end:
+                        break  # the coordinator sees a stream that ends short
                     if cut is not None and forwarded >= cut:
                         return  # the link breaks here; the coordinator's stream stays open
                     if stall is not None and forwarded >= stall:

@@ -1,16 +1,15 @@
-"""A coordinator for byte-exact fault injection in the edge runtime's tests: grpc.aio, in memory.
+"""A stand-in coordinator, in memory: kept for `bench/edge_footprint.py`, not used by tests.
 
-The device's protocol paths are tested against the REAL service
-(tests/test_edge_real_coordinator.py, through `coordinator_harness` and
-`coordinator_proxy`). This stand-in stays for faults the real service cannot
-be made to show on cue: an upload aborted with a chosen status after a chosen
-byte, an upload stalled until the device is killed, sessions dropped. Where
-it answers, it answers as `server/coordinator_service.py` does
-(docs/coordinator.md): a download offset past the end is OUT_OF_RANGE, a
-delivered task without an accepted result is offered again to a device that
-pulls, a closed task is refused FAILED_PRECONDITION by PullTask, PushResult
-and GetUploadOffset alike. It has no SQLite, no Grid, no mTLS and no
-signatures: tests of those use the real service.
+The device is tested against the REAL coordinator service
+(tests/test_edge_runtime.py, tests/test_edge_real_coordinator.py, through
+`coordinator_harness` and, for link faults at a chosen byte,
+`coordinator_proxy`). The footprint bench falls back to this stand-in where
+it cannot start a coordinator process. Where it answers, it answers as
+`server/coordinator_service.py` does (docs/coordinator.md): a download offset
+past the end is OUT_OF_RANGE, a delivered task without an accepted result is
+offered again to a device that pulls, a closed task is refused
+FAILED_PRECONDITION by PullTask, PushResult and GetUploadOffset alike. It has
+no SQLite, no Grid, no mTLS and no signatures.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -45,8 +44,6 @@ class FakeTask:
 @dataclass
 class Upload:
     asm: Assembler
-    received: int = 0  # data bytes read over every stream of this task, resends included
-    header_offsets: list[int] = field(default_factory=list)
 
 
 class FakeCoordinator(pb_grpc.CoordinatorServicer):
@@ -73,11 +70,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self.join_requests: list[pb.JoinRequest] = []
         self.heartbeats: list[pb.HeartbeatRequest] = []
         self.download_offsets: list[tuple[str, int]] = []
-        # one-shot fault hooks, by task id
-        self.abort_after: dict[str, tuple[int, grpc.StatusCode]] = {}
-        self.stall_after: dict[str, int] = {}
-        self.stalled: set[str] = set()
-        self.revoked: set[str] = set()
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -103,10 +95,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def drop_sessions(self) -> None:
-        """As a coordinator restart does: every token becomes unknown."""
-        self.sessions.clear()
 
     def add_task(
         self,
@@ -153,8 +141,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         device = self.sessions.get(token)
         if device is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown session; join again")
-        if device in self.revoked:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "device revoked")
         return device
 
     async def _task_of(
@@ -181,8 +167,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
     async def Join(self, request, context):
         self.join_requests.append(request)
         device = request.device_id or uuid.uuid4().hex
-        if device in self.revoked:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "device revoked")
         node_id = self.devices.setdefault(device, random.randrange(2, 1 << 63))
         token = secrets.token_hex(16)
         self.sessions[token] = device
@@ -263,7 +247,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             except ChunkError as e:
                 await context.abort(grpc.StatusCode[STATUS_BY_REASON[e.reason]], str(e))
             up = self.uploads[h.task_id] = Upload(asm)
-        up.header_offsets.append(int(h.offset))
         if h.offset != up.asm.offset:
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE, f"offset {h.offset}, held {up.asm.offset}"
@@ -275,8 +258,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
                 up.asm.add(msg.data.offset, msg.data.data)
             except ChunkError as e:
                 await context.abort(grpc.StatusCode[STATUS_BY_REASON[e.reason]], str(e))
-            up.received += len(msg.data.data)
-            await self._faults(h.task_id, up, context)
         if not up.asm.complete:
             await context.abort(grpc.StatusCode.ABORTED, f"{up.asm.offset} of {h.total_size}")
         try:
@@ -291,17 +272,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self.results[h.task_id] = payload
         task.state = "done"
         return pb.PushResultReply(accepted=True, offset=len(payload))
-
-    async def _faults(self, task_id: str, up: Upload, context) -> None:
-        hook = self.abort_after.get(task_id)
-        if hook and up.asm.offset >= hook[0]:
-            del self.abort_after[task_id]
-            await context.abort(hook[1], f"broken at {up.asm.offset} (test)")
-        limit = self.stall_after.get(task_id)
-        if limit is not None and up.asm.offset >= limit:
-            del self.stall_after[task_id]
-            self.stalled.add(task_id)
-            await asyncio.Event().wait()  # until the device goes away (cancelled)
 
     async def GetUploadOffset(self, request, context):
         device = await self._auth(request.session_token, context)
