@@ -44,6 +44,7 @@ class ServiceHarness:
         run_id: int = RUN_ID,
         model_arrays: dict[str, np.ndarray] | None = None,
         model_bytes: bytes | None = None,
+        device_run_config: dict[str, object] | None = None,
     ) -> None:
         self.tmp = tmp
         self.store = Store.open(tmp / "fedge.db")
@@ -53,34 +54,63 @@ class ServiceHarness:
         self.model_version = self.models.put(model_bytes or snap)
         self.run_id = run_id
         self.store.create_run(run_id, {"task": "test"}, model_version=self.model_version)
-        self.fleet = Fleet(heartbeat_interval_s=heartbeat_interval_s)
+        self._settings = settings or ServiceSettings()
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._device_run_config = device_run_config or {"task": "test", "seed": 1}
+        self._build()
+        self.server: grpc.aio.Server | None = None
+        self.target = ""
+
+    def _build(self) -> None:
+        """The parts a coordinator process holds in memory (sessions, queues, the Grid)."""
+        self.fleet = Fleet(heartbeat_interval_s=self._heartbeat_interval_s)
         self.service = CoordinatorService(
             self.store,
             self.fleet,
             self.models,
-            tmp / "uploads",
-            settings=settings or ServiceSettings(),
+            self.tmp / "uploads",
+            settings=self._settings,
             model_version=lambda: self.model_version,
         )
         self.grid = GrpcGrid(
             self.store,
             self.fleet,
-            run_id=run_id,
-            device_run_config={"task": "test", "seed": 1},
+            run_id=self.run_id,
+            device_run_config=self._device_run_config,
             model_version=lambda: self.model_version,
             default_timeout=30.0,
         )
-        self.server: grpc.aio.Server | None = None
-        self.target = ""
 
-    async def start(self) -> str:
+    async def start(
+        self, port: int = 0, *, credentials: grpc.ServerCredentials | None = None
+    ) -> str:
+        """Serve on 127.0.0.1 (plaintext, or TLS with `credentials`); returns the target."""
         self.fleet.bind_loop(asyncio.get_running_loop())
         self.server = grpc.aio.server()
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
+        address = f"127.0.0.1:{port}"
+        if credentials is None:
+            port = self.server.add_insecure_port(address)
+        else:
+            port = self.server.add_secure_port(address, credentials)
         await self.server.start()
         self.target = f"127.0.0.1:{port}"
         return self.target
+
+    async def go_down(self) -> None:
+        """As a coordinator process that died: the port closes, memory is lost, the state
+        folder (SQLite, models) stays. `come_back()` serves it again on the same port."""
+        self.grid.stop()
+        if self.server is not None:
+            await self.server.stop(None)
+            self.server = None
+
+    async def come_back(self) -> str:
+        """A restarted coordinator on the same state and port: no sessions, no queues."""
+        timeout = self.grid.default_timeout
+        self._build()
+        self.grid.default_timeout = timeout
+        return await self.start(int(self.target.rsplit(":", 1)[1]))
 
     async def stop(self) -> None:
         self.grid.stop()

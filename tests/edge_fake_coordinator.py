@@ -1,12 +1,15 @@
-"""A small real coordinator for the edge runtime's tests: grpc.aio on 127.0.0.1, in memory.
+"""A stand-in coordinator, in memory: kept for `bench/edge_footprint.py`, not used by tests.
 
-It implements `fedge.v1.Coordinator` with the semantics of docs/coordinator.md
-in the simplest way that is still honest (sessions, per-device queues,
-chunked downloads that resume, resumable uploads checked by `Assembler`,
-the documented status codes, results decoded as Flower messages), and
-nothing else: no SQLite, no Grid, no ServerApp. It exists so the device
-side can be tested end to end before, and independently of, fedge's real
-coordinator. Fault hooks let a test break transfers at a chosen byte.
+The device is tested against the REAL coordinator service
+(tests/test_edge_runtime.py, tests/test_edge_real_coordinator.py, through
+`coordinator_harness` and, for link faults at a chosen byte,
+`coordinator_proxy`). The footprint bench falls back to this stand-in where
+it cannot start a coordinator process. Where it answers, it answers as
+`server/coordinator_service.py` does (docs/coordinator.md): a download offset
+past the end is OUT_OF_RANGE, a delivered task without an accepted result is
+offered again to a device that pulls, a closed task is refused
+FAILED_PRECONDITION by PullTask, PushResult and GetUploadOffset alike. It has
+no SQLite, no Grid, no mTLS and no signatures.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -40,8 +43,6 @@ class FakeTask:
 @dataclass
 class Upload:
     asm: Assembler
-    received: int = 0  # data bytes read over every stream of this task, resends included
-    header_offsets: list[int] = field(default_factory=list)
 
 
 class FakeCoordinator(pb_grpc.CoordinatorServicer):
@@ -68,12 +69,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self.join_requests: list[pb.JoinRequest] = []
         self.heartbeats: list[pb.HeartbeatRequest] = []
         self.download_offsets: list[tuple[str, int]] = []
-        # one-shot fault hooks, by task id
-        self.abort_after: dict[str, tuple[int, grpc.StatusCode]] = {}
-        self.stall_after: dict[str, int] = {}
-        self.break_download_after: dict[str, int] = {}
-        self.stalled: set[str] = set()
-        self.revoked: set[str] = set()
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -99,10 +94,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def drop_sessions(self) -> None:
-        """As a coordinator restart does: every token becomes unknown."""
-        self.sessions.clear()
 
     def add_task(
         self,
@@ -149,8 +140,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         device = self.sessions.get(token)
         if device is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown session; join again")
-        if device in self.revoked:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "device revoked")
         return device
 
     async def _task_of(
@@ -161,13 +150,22 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no task {task_id!r} for you")
         return task
 
+    def _next(self, device: str) -> FakeTask | None:
+        """The device's oldest task without an accepted result, delivered or not (a device
+        pulls only when it holds no task: one delivered before was lost)."""
+        queue = self.queues[device]
+        while queue and self.tasks[queue[0]].state in ("done", "closed"):
+            queue.popleft()
+        for task_id in queue:
+            if self.tasks[task_id].state in ("queued", "delivered"):
+                return self.tasks[task_id]
+        return None
+
     # ------------------------------------------------------------------- RPCs
 
     async def Join(self, request, context):
         self.join_requests.append(request)
         device = request.device_id or uuid.uuid4().hex
-        if device in self.revoked:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "device revoked")
         node_id = self.devices.setdefault(device, random.randrange(2, 1 << 63))
         token = secrets.token_hex(16)
         self.sessions[token] = device
@@ -187,7 +185,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         task = self.tasks.get(request.task_id)
         return pb.HeartbeatReply(
             heartbeat_interval_s=self.heartbeat_interval_s,
-            task_available=bool(self.queues[device]),
+            task_available=self._next(device) is not None,
             task_cancelled=bool(task and task.state == "closed"),
         )
 
@@ -196,18 +194,21 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         chunk = min(request.max_chunk_bytes or self.chunk_size, self.chunk_size)
         if request.task_id:
             task = await self._task_of(request.task_id, device, context)
-            if task.state == "closed":
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "round closed")
+            if task.state in ("closed", "done"):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"task is {task.state}")
             offset = int(request.offset)
             if offset > len(task.payload):
-                offset = 0
+                await context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"offset {offset} past the task's {len(task.payload)} bytes",
+                )
         else:
             deadline = time.monotonic() + min(request.wait_s, self.max_wait_s)
-            while not self.queues[device] and time.monotonic() < deadline:
+            while self._next(device) is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            if not self.queues[device]:
+            task = self._next(device)
+            if task is None:
                 return
-            task = self.tasks[self.queues[device].popleft()]
             task.state = "delivered"
             offset = 0
         self.download_offsets.append((task.envelope.task_id, offset))
@@ -215,10 +216,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         header.CopyFrom(task.envelope)
         header.offset = offset
         yield pb.TaskChunk(header=header)
-        limit = self.break_download_after.pop(task.envelope.task_id, None)
         for at in range(offset, len(task.payload), chunk):
-            if limit is not None and at >= limit:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "link dropped (test)")
             yield pb.TaskChunk(data=pb.Chunk(offset=at, data=task.payload[at : at + chunk]))
 
     async def PushResult(self, request_iterator, context):
@@ -238,7 +236,9 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             size = len(self.results[h.task_id])
             return pb.PushResultReply(accepted=True, offset=size, duplicate=True)
         if task.state == "closed":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "round closed")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "round closed or task expired"
+            )
         up = self.uploads.get(h.task_id)
         if up is None or (up.asm.total_size, up.asm.sha256) != (h.total_size, h.sha256):
             try:
@@ -246,7 +246,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             except ChunkError as e:
                 await context.abort(grpc.StatusCode[STATUS_BY_REASON[e.reason]], str(e))
             up = self.uploads[h.task_id] = Upload(asm)
-        up.header_offsets.append(int(h.offset))
         if h.offset != up.asm.offset:
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE, f"offset {h.offset}, held {up.asm.offset}"
@@ -258,8 +257,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
                 up.asm.add(msg.data.offset, msg.data.data)
             except ChunkError as e:
                 await context.abort(grpc.StatusCode[STATUS_BY_REASON[e.reason]], str(e))
-            up.received += len(msg.data.data)
-            await self._faults(h.task_id, up, context)
         if not up.asm.complete:
             await context.abort(grpc.StatusCode.ABORTED, f"{up.asm.offset} of {h.total_size}")
         try:
@@ -275,17 +272,6 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         task.state = "done"
         return pb.PushResultReply(accepted=True, offset=len(payload))
 
-    async def _faults(self, task_id: str, up: Upload, context) -> None:
-        hook = self.abort_after.get(task_id)
-        if hook and up.asm.offset >= hook[0]:
-            del self.abort_after[task_id]
-            await context.abort(hook[1], f"broken at {up.asm.offset} (test)")
-        limit = self.stall_after.get(task_id)
-        if limit is not None and up.asm.offset >= limit:
-            del self.stall_after[task_id]
-            self.stalled.add(task_id)
-            await asyncio.Event().wait()  # until the device goes away (cancelled)
-
     async def GetUploadOffset(self, request, context):
         device = await self._auth(request.session_token, context)
         await self._task_of(request.task_id, device, context)
@@ -294,6 +280,10 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             return pb.GetUploadOffsetReply(
                 offset=len(result), total_size=len(result), sha256=sha256_hex(result),
                 complete=True,
+            )
+        if self.tasks[request.task_id].state == "closed":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "round closed or task expired"
             )
         up = self.uploads.get(request.task_id)
         if up is None:

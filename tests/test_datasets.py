@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +165,8 @@ def test_missing_labels_file_is_named(tmp_path: Path) -> None:
     reason="Debian's dataset-fashion-mnist is not installed here",
 )
 def test_real_fashion_mnist() -> None:
-    start = time.perf_counter()
     x, y = load_idx(split="train")
     xt, yt = load_idx(split="test")
-    assert time.perf_counter() - start < 20
     assert x.shape == (60000, 1, 28, 28) and xt.shape == (10000, 1, 28, 28)
     assert np.array_equal(np.bincount(y), np.full(10, 6000))
     assert np.array_equal(np.bincount(yt), np.full(10, 1000))

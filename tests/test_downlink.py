@@ -171,6 +171,8 @@ def test_config_turns_it_on_and_checks_the_codec() -> None:
 
 RUN = {"task": "digits", "codec": "int8", "num-rounds": 3, "min-train-nodes": 5,
        "lr": 0.3, "local-epochs": 2, "seed": 1}
+ONE_TEST_IMAGE = 1 / 359 + 1e-9  # the digits test set
+DOWNLINK_LOSS_TOLERANCE = 1e-3
 
 
 class _Seen:
@@ -223,9 +225,11 @@ def test_three_rounds_on_digits_devices_hold_the_servers_model(monkeypatch) -> N
     per_message_first = rounds[0].downlink_bytes / 5
     for r in rounds[1:]:
         assert per_message_first / (r.downlink_bytes / 5) >= 3.5, r.downlink_bytes
-    # the downlink's rounding costs (next to) nothing in accuracy
-    assert abs(rounds[-1].accuracy - plain[-1].accuracy) <= 0.03
-    assert rounds[-1].accuracy > 0.8
+    # the downlink's rounding costs (next to) nothing: measured, the same final accuracy
+    # (0.9248) and 3.2e-4 of loss (an int4 downlink is 2 images and 2.4e-3 of loss off)
+    assert abs(rounds[-1].accuracy - plain[-1].accuracy) <= ONE_TEST_IMAGE
+    assert abs(rounds[-1].loss - plain[-1].loss) <= DOWNLINK_LOSS_TOLERANCE
+    assert rounds[-1].accuracy > 0.9
 
 
 def test_stock_clients_always_get_the_plain_model(monkeypatch) -> None:
@@ -254,7 +258,9 @@ def test_compressed_first_contact_shrinks_every_message_at_the_same_accuracy(mon
     assert all(downlink.history[r].delta_messages == 5 for r in (2, 3))
     for mine, theirs in zip(rounds, plain, strict=True):  # every round, the first one too
         assert theirs.downlink_bytes / mine.downlink_bytes >= 3.5, mine.downlink_bytes
-    assert abs(rounds[-1].accuracy - plain[-1].accuracy) <= 0.03
+    # measured: the same final accuracy (0.9248), 1.6e-4 of loss
+    assert abs(rounds[-1].accuracy - plain[-1].accuracy) <= ONE_TEST_IMAGE
+    assert abs(rounds[-1].loss - plain[-1].loss) <= DOWNLINK_LOSS_TOLERANCE
 
 
 def test_stock_client_under_compressed_first_contact_loses_one_round_once(monkeypatch) -> None:

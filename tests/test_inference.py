@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedge.bench.inference_bench import BARS, export_all, trained_cnn
+from fedge.bench.inference_bench import export_all, trained_cnn
 from fedge.common.arrays import model_to_arrays
 from fedge.common.datasets import DatasetMissing, load_idx
 from fedge.common.export import ModelFileError, export_model
@@ -24,6 +24,12 @@ from fedge.common.task import DIGITS, Task
 from fedge.common.training import torch_threads
 
 runner = CliRunner()
+
+# The acceptance bars, stated here rather than read from the bench under test:
+# int8 file at most 0.26x the fp32 file, >= 99 % top-1 agreement with fp32, at most
+# 0.5 accuracy points lost; int4 at most 0.14x, at most 2 points lost.
+INT8_SIZE_RATIO, INT8_AGREEMENT, INT8_ACCURACY_DROP = 0.26, 0.99, 0.005
+INT4_SIZE_RATIO, INT4_ACCURACY_DROP = 0.14, 0.02
 
 
 def _threads() -> int:
@@ -77,11 +83,11 @@ def test_cnn_acceptance_bars(cnn_files: dict[str, bytes]) -> None:
         f"int8 agreement {agree8:.4f}, size ratios {ratio}"
     )
     assert acc["fp32"] > 0.6  # it did learn something
-    assert ratio["int8"] <= BARS["int8_size_ratio"]
-    assert agree8 >= BARS["int8_agreement"]
-    assert acc["fp32"] - acc["int8"] <= BARS["int8_accuracy_drop"]
-    assert ratio["int4"] <= BARS["int4_size_ratio"]
-    assert acc["fp32"] - acc["int4"] <= BARS["int4_accuracy_drop"]
+    assert ratio["int8"] <= INT8_SIZE_RATIO
+    assert agree8 >= INT8_AGREEMENT
+    assert acc["fp32"] - acc["int8"] <= INT8_ACCURACY_DROP
+    assert ratio["int4"] <= INT4_SIZE_RATIO
+    assert acc["fp32"] - acc["int4"] <= INT4_ACCURACY_DROP
 
 
 def test_int8_kernels_run_the_stored_weights_exactly(cnn_files: dict[str, bytes]) -> None:

@@ -164,14 +164,21 @@ def test_fashion_mnist_100_smoke(tmp_path: Path, small_fashion_mnist: Path) -> N
     assert list(runs) == [r.label for r in scenario.runs]
     for run in runs.values():
         assert [r["round"] for r in run["rounds"]] == [1, 2]
-        assert all(0 <= r["accuracy"] <= 1 and r["rejected"] == 0 for r in run["rounds"])
+        assert all(r["rejected"] == 0 for r in run["rounds"])
+        # what 2 smoke rounds can show (measured: 0.190-0.196 on the 500 test images,
+        # chance 0.10; loss 2.293-2.295 after round 1, 2.286-2.292 after round 2)
+        first, last = run["rounds"]
+        assert last["accuracy"] >= 0.15 and last["loss"] < first["loss"]
         assert set(run["profiles"]) == {"pi4-lte", "phone-wifi", "pi-zero-3g"}
         assert run["summary"]["rounds"] == 2 and run["wall_seconds"] > 0
     up = {k: v["summary"]["uplink_mb"] for k, v in runs.items()}
     # the stock peer and fedge `none` move the same bytes and land on the same model
     assert up["stock-flower-fedavg"] == pytest.approx(up["none"], rel=0.01)
-    assert runs["stock-flower-fedavg"]["summary"]["final_accuracy"] == pytest.approx(
-        runs["none"]["summary"]["final_accuracy"], abs=0.01)
+    # measured: the same accuracy and loss in both rounds (0.104 / 0.194, 2.29299 / 2.28568)
+    for stock, plain in zip(runs["stock-flower-fedavg"]["rounds"], runs["none"]["rounds"],
+                            strict=True):
+        assert stock["accuracy"] == pytest.approx(plain["accuracy"], abs=1 / 500)  # one image
+        assert stock["loss"] == pytest.approx(plain["loss"], abs=1e-5)
     assert up["none"] / up["int8"] > 3.5 and up["none"] / up["int4"] > 7
     assert up["none"] / up["topk=0.01+int4"] > 100
     assert up["none"] / up["topk=0.01+int4:pertensor:ahead=0.0"] > 100

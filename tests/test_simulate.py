@@ -1,4 +1,4 @@
-"""`fedge simulate`: the Ray engine end to end (one smoke run), options and the report."""
+"""`fedge simulate`: the Ray engine end to end (one run that trains), options and the report."""
 
 from __future__ import annotations
 
@@ -20,26 +20,29 @@ from fedge.simulations.runner import (
 )
 
 FEDGE = [sys.executable, "-c", "from fedge.cli import app; app()"]
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
-def test_ray_engine_smoke(tmp_path: Path) -> None:
-    """4 virtual clients, 1 round, through Flower's Ray backend and the real CLI."""
+def test_ray_engine_trains(tmp_path: Path) -> None:
+    """4 virtual clients on digits, 2 rounds, through Flower's Ray backend and the real CLI:
+    the model learns (measured: 0.916 after round 1, 0.950 after round 2; chance 0.10)."""
     out = tmp_path / "sim"
     done = subprocess.run(
-        [*FEDGE, "simulate", "--clients", "4", "--rounds", "1", "--codec", "int8",
+        [*FEDGE, "simulate", "--clients", "4", "--rounds", "2", "--codec", "int8",
          "--out", str(out)],
-        env=ENV, capture_output=True, text=True, timeout=240,
+        env=ENV, capture_output=True, text=True, timeout=400,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = load_report(out / "report.json")
     (run,) = report["runs"]
     assert run["codec"] == "int8" and run["strategy"] == "fedavg"
-    (first,) = run["rounds"]
+    first, second = run["rounds"]
     assert list(first)[: len(ROUND_KEYS)] == list(ROUND_KEYS)
-    assert first["round"] == 1
-    assert first["rejected"] == 0
-    assert 0.0 <= first["accuracy"] <= 1.0
+    assert [first["round"], second["round"]] == [1, 2]
+    assert first["rejected"] == 0 and second["rejected"] == 0
+    assert first["accuracy"] >= 0.85 and second["accuracy"] >= 0.90
+    assert second["loss"] < first["loss"]
     assert first["uplink_bytes"] > 0 and first["downlink_bytes"] > 0
     assert (out / "report.png").stat().st_size > 10_000
     assert str(out / "report.json") in done.stdout.replace("\n", "")

@@ -249,7 +249,8 @@ async def case_revoked_mid_run(t: Trust) -> grpc.StatusCode:
         yield pb.ResultChunk(data=pb.Chunk(offset=10, data=payload[10:]))
 
     call = dev.stub.PushResult(stream(), timeout=20)
-    await asyncio.sleep(0.3)
+    while t.h.store.get_result(pulled.envelope.task_id) is None:  # the upload has begun
+        await asyncio.sleep(0.01)
     t.h.store.set_device_status(dev.device_id, DeviceStatus.REVOKED)  # what the CLI does
     gate.set()
     code = await status_of(call)
