@@ -130,6 +130,10 @@ def run_command(
         print(line, flush=True)
 
     async def main() -> int:
+        loop = asyncio.get_running_loop()
+        early_stop = asyncio.Event()  # a signal during start is honoured once started
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, early_stop.set)
         try:  # a refused or failed start stores no run
             coordinator = await Coordinator.start(options, out=say)
         except StartRefused as e:
@@ -138,9 +142,10 @@ def run_command(
         except Exception as e:
             say(f"error: cannot start the coordinator: {type(e).__name__}: {e}")
             return 2
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, coordinator.request_stop)
+        if early_stop.is_set():
+            coordinator.request_stop()
         return await coordinator.run()
 
     code = asyncio.run(main())
