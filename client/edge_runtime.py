@@ -54,6 +54,7 @@ from fedge.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:  # at run time it is imported with the first task (Flower, torch)
     from fedge.client.app_runner import AppRunner
+    from fedge.client.enroll import DeviceCredentials
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class EdgeDevice:
         poll_wait_s: float = 30.0,
         stall_timeout_s: float = 60.0,
         rng: UniformSource | None = None,
-        credentials: Any = None,
+        credentials: DeviceCredentials | None = None,
     ) -> None:
         self.credentials = credentials
         if credentials is not None and not coordinator:
@@ -490,7 +491,7 @@ class EdgeDevice:
                                         task.bytes_down, bytes_up, seconds, outcome))
 
 
-def _result_signer(creds: Any) -> Callable[[OutboxEntry], bytes]:
+def _result_signer(creds: DeviceCredentials) -> Callable[[OutboxEntry], bytes]:
     """Signs result headers with the enrolled device's key (loaded once, kept in memory)."""
     from fedge.common.signing import sign_result
 

@@ -161,7 +161,7 @@ class _BufferAssembler(Assembler):
         end = self._offset + memoryview(data).nbytes
         self._buf[self._offset : end] = data
 
-    def finish(self) -> bytearray:  # type: ignore[override]
+    def finish(self) -> bytearray:
         self._check_done()
         return self._buf
 

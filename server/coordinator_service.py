@@ -36,10 +36,11 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from grpc.aio import ServicerContext
 
 from fedge.common.chunking import (
     DEFAULT_CHUNK_SIZE,
@@ -117,7 +118,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------ identity
 
-    async def identify(self, token: str, context: grpc.aio.ServicerContext) -> DeviceEntry:
+    async def identify(self, token: str, context: ServicerContext) -> DeviceEntry:
         """The device this call speaks for; UNAUTHENTICATED if the session is unknown.
 
         The one place a call is bound to a device. Under mTLS the client
@@ -140,7 +141,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------ sessions
 
-    async def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinReply:
+    async def Join(self, request: pb.JoinRequest, context: ServicerContext) -> pb.JoinReply:
         device_id = request.device_id or None
         if self.mtls:  # the certificate names the device; the request's id is ignored
             device_id = (await require_device(context, self.store)).id
@@ -176,7 +177,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             protocol_version=PROTOCOL_VERSION,
         )
 
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatReply:
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: ServicerContext
+    ) -> pb.HeartbeatReply:
         entry = await self.identify(request.session_token, context)
         cancelled = False
         if request.task_id:
@@ -194,7 +197,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # ------------------------------------------------------------ tasks
 
     async def PullTask(
-        self, request: pb.PullTaskRequest, context: Any
+        self, request: pb.PullTaskRequest, context: ServicerContext
     ) -> AsyncIterator[pb.TaskChunk]:
         entry = await self.identify(request.session_token, context)
         chunk = self._chunk_size(request.max_chunk_bytes)
@@ -240,7 +243,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             yield pb.TaskChunk(data=pb.Chunk(offset=off, data=data))
 
     async def _refuse_unknown_task(
-        self, task_id: str, entry: DeviceEntry, context: Any
+        self, task_id: str, entry: DeviceEntry, context: ServicerContext
     ) -> NoReturn:
         row = self.store.get_task(task_id) if _TASK_ID.fullmatch(task_id) else None
         if row is None or row.device_id != entry.device_id:
@@ -252,7 +255,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # ------------------------------------------------------------ results
 
     async def PushResult(
-        self, request_iterator: AsyncIterator[pb.ResultChunk], context: Any
+        self, request_iterator: AsyncIterator[pb.ResultChunk], context: ServicerContext
     ) -> pb.PushResultReply:
         stream = request_iterator.__aiter__()
         first = await anext(stream, None)
@@ -289,7 +292,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         stream: AsyncIterator[pb.ResultChunk],
         entry: DeviceEntry,
         task: TaskPayload,
-        context: Any,
+        context: ServicerContext,
     ) -> pb.PushResultReply:
         cap = self.settings.max_result_bytes
         total = int(header.total_size)
@@ -327,7 +330,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         stream: AsyncIterator[pb.ResultChunk],
         entry: DeviceEntry,
         task: TaskPayload,
-        context: Any,
+        context: ServicerContext,
     ) -> pb.PushResultReply:
         durable = upload.offset
         finished = False
@@ -380,7 +383,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
 
     async def GetUploadOffset(
-        self, request: pb.GetUploadOffsetRequest, context: Any
+        self, request: pb.GetUploadOffsetRequest, context: ServicerContext
     ) -> pb.GetUploadOffsetReply:
         entry = await self.identify(request.session_token, context)
         task_id = request.task_id
@@ -412,7 +415,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # ------------------------------------------------------------ models
 
     async def FetchModel(
-        self, request: pb.FetchModelRequest, context: Any
+        self, request: pb.FetchModelRequest, context: ServicerContext
     ) -> AsyncIterator[pb.ModelChunk]:
         await self.identify(request.session_token, context)
         version = request.version or self.model_version()
@@ -486,16 +489,16 @@ def _check_result_header(total_size: int, sha256: str, cap: int) -> None:
         raise ChunkError("over_cap", f"total size {total_size} > cap {cap}")
 
 
-async def _abort(context: Any, code: grpc.StatusCode, detail: str) -> NoReturn:
+async def _abort(context: ServicerContext, code: grpc.StatusCode, detail: str) -> NoReturn:
     await context.abort(code, detail)
     raise AssertionError("unreachable")  # context.abort raises
 
 
-async def _abort_chunk(context: Any, err: ChunkError) -> NoReturn:
+async def _abort_chunk(context: ServicerContext, err: ChunkError) -> NoReturn:
     await _abort(context, grpc.StatusCode[STATUS_BY_REASON[err.reason]], str(err))
 
 
-async def _abort_refused(context: Any, err: ResultRefused) -> NoReturn:
+async def _abort_refused(context: ServicerContext, err: ResultRefused) -> NoReturn:
     await _abort(context, STATUS_BY_REFUSAL[err.reason], err.detail)
 
 

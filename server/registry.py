@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from fedge.common.export import EXPORT_FORMATS, export_model
 from fedge.common.snapshot import parse_snapshot, snapshot_to_arrays
 from fedge.server.model_store import ModelStore, ModelStoreError
 from fedge.server.store import ModelVersion, Promotion, Store, StoreError
+
+if TYPE_CHECKING:  # resolving a task imports torch: only when a version is exported
+    from fedge.common.task_base import Task
 
 DEFAULT_EXPORT_CACHE_BYTES = 64 << 20
 MIN_PREFIX = 4
@@ -269,7 +272,7 @@ class Registry:
             self._task_names[version] = name
         return name
 
-    def task(self, ref: str) -> Any:
+    def task(self, ref: str) -> Task:
         """The resolved `Task` of a version (the coordinator trusts its own run's task)."""
         from fedge.common.task import TaskError, resolve_task
 
@@ -302,7 +305,9 @@ class Registry:
         self._remember(key, data)
         return data
 
-    def _export(self, record: ModelVersion, arrays: Any, task: Any, fmt: str) -> bytes:
+    def _export(
+        self, record: ModelVersion, arrays: Mapping[str, np.ndarray], task: Task, fmt: str
+    ) -> bytes:
         return export_model(
             arrays,
             fmt=fmt,
