@@ -95,6 +95,7 @@ class CoordinatorOptions:
     grace_s: float = 2.0
     http_port: int | None = None  # None: no HTTP API; 0: a free port (printed)
     http_host: str = "127.0.0.1"
+    http_auth: str = "none"  # server/http_auth.py: none (loopback only) | mtls | token | any
     continuous: ContinuousSettings | None = None  # rounds without end, gated promotion
 
 
@@ -141,6 +142,10 @@ class Coordinator:
     async def start(self) -> int:
         """Open the state, resolve the run, bind the server; returns the bound port."""
         opts = self.options
+        if opts.http_port is not None:  # refused before anything binds or is stored
+            from fedge.server.http_auth import check_bind
+
+            check_bind(opts.http_host, opts.http_auth, tls=not opts.insecure)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store.open(self.state_dir / "fedge.db")
         self.models = ModelStore(self.state_dir / "models")
@@ -220,15 +225,20 @@ class Coordinator:
 
     def _start_http(self) -> None:
         from fedge.server.http_api import HttpServer, make_http_app
+        from fedge.server.http_auth import auth_for_state
 
         assert self.registry is not None
         opts = self.options
+        tls = None if opts.insecure else ensure_server_tls(self.state_dir, self._hostnames())
+        auth = auth_for_state(opts.http_auth, self.state_dir, tls, self.store)
         self.http = HttpServer(
-            make_http_app(self.registry, self.metrics), host=opts.http_host,
+            make_http_app(self.registry, self.metrics, auth=auth), host=opts.http_host,
             port=int(opts.http_port or 0),
         )
         self.http_port = self.http.start()
-        self.out(f"HTTP API on http://{_address(opts.http_host, self.http_port)}")
+        auth_note = f" (auth: {opts.http_auth})" if opts.http_auth != "none" else ""
+        self.out(f"HTTP API on {self.http.scheme}://{_address(opts.http_host, self.http_port)}"
+                 + auth_note)
 
     async def _watch_devices(self, every_s: float = 1.0) -> None:
         while True:

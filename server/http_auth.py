@@ -271,3 +271,20 @@ def store_device_lookup(store: Any) -> Any:
         return f"device:{device.id}", DEVICE_SCOPES
 
     return lookup
+
+
+def auth_for_state(mode: str, state_dir: Path, tls: Any, store: Any) -> HttpAuth:
+    """The coordinator's `HttpAuth` for `--http-auth mode`: its TLS files (a `TlsPaths`, or
+    None under --insecure), `<state>/http-tokens.json`, and device lookups in its store."""
+    if mode not in AUTH_MODES:
+        raise BindRefused(f"--http-auth must be one of {', '.join(AUTH_MODES)}, not {mode!r}")
+    if mode == "none":
+        return HttpAuth("none")
+    return HttpAuth(
+        mode,
+        tls_cert=tls.server_cert if tls is not None else None,
+        tls_key=tls.server_key if tls is not None else None,
+        client_ca=tls.ca_cert if tls is not None else None,
+        tokens=TokenFile(Path(state_dir) / TOKENS_FILE) if mode in ("token", "any") else None,
+        device_scopes=store_device_lookup(store) if mode in ("mtls", "any") else None,
+    )
