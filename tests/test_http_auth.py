@@ -224,6 +224,25 @@ def test_tokens_scopes_each_refusal(harness, api_factory) -> None:
     # over plaintext the server cannot be reached at all: it speaks TLS only
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{api.port}/healthz", timeout=10)
+    # an inference-only device without an identity: a token with `read`, or nothing
+    trust = ssl.create_default_context(cafile=str(h.paths.ca_cert))
+    folder = h.state.parent / "token-device"
+    holder = book.add(["read"])
+    device = InferenceDevice(api.url, folder, fmt="onnx", ssl_context=trust, token=holder)
+    assert device.check_once().outcome == "installed"
+    bare = InferenceDevice(api.url, h.state.parent / "bare", fmt="onnx", ssl_context=trust)
+    denied = bare.check_once()
+    assert denied.outcome == "denied" and "401" in denied.detail
+    with pytest.raises(ValueError, match="https://"):  # a token never travels in plaintext
+        InferenceDevice(f"http://127.0.0.1:{api.port}", folder, token=holder)
+
+
+def test_inference_only_cli_refuses_a_token_over_plaintext(tmp_path: Path, monkeypatch) -> None:
+    from fedge.client.inference_device import TOKEN_ENV, run_cli
+
+    monkeypatch.setenv(TOKEN_ENV, "fdgh1.0123456789abcdef." + "A" * 43)
+    with pytest.raises(ValueError, match="plaintext"):
+        run_cli("http://127.0.0.1:9", tmp_path, fmt="onnx", interval_s=1.0)
 
 
 async def test_device_certificates_each_refusal(harness, api_factory, tmp_path: Path) -> None:
