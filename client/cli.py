@@ -64,7 +64,7 @@ def run_command(
     model_url: str = typer.Option("", "--model-url", help="Inference-only: the coordinator's "
                                   "HTTP API, e.g. http://127.0.0.1:9093."),
     model_format: str = typer.Option("int8", "--model-format", help="Inference-only: fp32 | "
-                                     "fp16 | int8 | int4."),
+                                     "fp16 | int8 | int4 | onnx | onnx-int8 (ONNX: no torch)."),
     poll_interval: float = typer.Option(10.0, "--poll-interval", min=0.1, help="Inference-only: "
                                         "seconds between checks for a new model."),
 ) -> None:

@@ -5,9 +5,12 @@ holding `{"inputs": [...]}` or a bare list, as `POST /v1/predict` takes; each
 is one example (the task's input shape, e.g. [1, 28, 28]) or a batch of them.
 Values are what the task's model takes (Fashion-MNIST: float pixels in [0, 1]).
 
-Only typer is imported at the top; torch and the loader when the command runs.
-A refused model file or unusable input is one line on stderr and exit code 1,
-never a traceback.
+Two runtimes, chosen by the file: a `.onnx` export (`fedge export --format
+onnx|onnx-int8`) runs with ONNX Runtime and never imports torch, so a device
+installed with `fedge[inference]` predicts without PyTorch; a `.pb` export
+runs with torch (`fedge.common.inference`). Only typer is imported at the
+top; the runtime when the command runs. A refused model file or unusable
+input is one line on stderr and exit code 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -54,8 +57,44 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
 
+def _load_onnx(model: Path, task: str | None, kernels: str, threads: int | None) -> Any:
+    """An ONNX Runtime predictor; torch is never imported on this path."""
+    from fedge.common.onnx_file import OnnxFileError
+    from fedge.common.onnx_runtime import load_onnx_predictor
+
+    if task is not None or kernels != "auto":
+        raise _fail("--task and --kernels are for .pb exports; an .onnx file carries its graph")
+    try:
+        return load_onnx_predictor(model, threads=threads)
+    except OnnxFileError as e:
+        raise _fail(f"refused model file {model} ({e.reason}): {e.detail}") from None
+
+
+def _load_torch(model: Path, task: str | None, kernels: str, threads: int | None) -> Any:
+    """The torch predictor of a `.pb` export (`fedge.common.inference`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise _fail(f"{model}: a .pb export needs PyTorch, which this device does not have; "
+                    "fetch the model as onnx or onnx-int8 (.onnx) to run it with ONNX Runtime")
+    from fedge.common.export import ModelFileError
+    from fedge.common.inference import KERNELS, load_predictor
+
+    if kernels not in KERNELS:
+        raise _fail(f"--kernels must be one of {', '.join(KERNELS)}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        return load_predictor(model, task=task, kernels=kernels)
+    except ModelFileError as e:
+        raise _fail(f"refused model file {model} ({e.reason}): {e.detail}") from None
+
+
 def predict_command(
-    model: Path = typer.Option(..., "--model", help="Export file (fedge export)."),
+    model: Path = typer.Option(..., "--model", help="Export file (fedge export): .pb runs "
+                               "with torch, .onnx with ONNX Runtime (no torch)."),
     inputs: list[Path] = typer.Argument(..., help=".npy or .json files: one example or a batch."),
     task: str | None = typer.Option(
         None,
@@ -69,23 +108,18 @@ def predict_command(
         help="auto | int8 | float: int8 Linear kernels for int8 files (auto: when torch has them).",
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Examples per model call."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (torch's "
+                                       "or ONNX Runtime's)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Predict with a model file on this CPU; refuses a damaged or tampered file."""
-    from fedge.common.export import ModelFileError
-    from fedge.common.inference import KERNELS, InputError, load_predictor
+    from fedge.common.onnx_file import is_onnx_path
+    from fedge.common.predictions import InputError
 
-    if kernels not in KERNELS:
-        raise _fail(f"--kernels must be one of {', '.join(KERNELS)}")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    try:
-        predictor = load_predictor(model, task=task, kernels=kernels)
-    except ModelFileError as e:
-        raise _fail(f"refused model file {model} ({e.reason}): {e.detail}") from None
+    if is_onnx_path(str(model)):
+        predictor = _load_onnx(model, task, kernels, threads)
+    else:
+        predictor = _load_torch(model, task, kernels, threads)
     rows: list[dict[str, Any]] = []
     for path in inputs:
         try:

@@ -15,7 +15,8 @@ class ReasonError(Exception):
     `reason` is what metrics, audit and status tables key on; `detail` is for
     the person reading the message. Every refusal in fedge has this shape, so
     it has one constructor and one message format: ``"<what> (<reason>): <detail>"``
-    (without ``": <detail>"`` when there is none). Subclasses set `what`.
+    (without ``": <detail>"`` when there is none). Subclasses set `what`; an empty
+    `what` means the detail is already the whole line a person reads.
     """
 
     what: ClassVar[str] = "refused"
@@ -23,6 +24,9 @@ class ReasonError(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         self.reason = reason
         self.detail = detail
+        if not self.what:
+            super().__init__(detail or reason)
+            return
         suffix = f": {detail}" if detail else ""
         super().__init__(f"{self.what} ({reason}){suffix}")
 

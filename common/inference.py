@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,23 +34,15 @@ from fedge.common.export import (
     parse_model_file,
     read_model_file,
 )
+from fedge.common.predictions import InputError, Predictions, prepare_inputs, top1
 from fedge.common.task import BUILTIN_TASKS, Task, TaskError, resolve_task
+
+__all__ = ["InputError", "Predictions", "Predictor", "load_predictor", "prepare_inputs"]
 
 KERNELS = ("auto", "int8", "float")
 DEFAULT_BATCH = 64
 
 
-class InputError(ValueError):
-    """Inputs do not fit the model (shape, type, non-finite values); the message says how."""
-
-
-@dataclass
-class Predictions:
-    """Top-1 class, its probability and the full probabilities for each input."""
-
-    classes: np.ndarray  # int64 [N]
-    scores: np.ndarray  # float32 [N]
-    probabilities: np.ndarray  # float32 [N, classes]
 
 
 class Predictor:
@@ -98,47 +88,8 @@ class Predictor:
         logits = self.logits(x, batch_size=batch_size)
         if logits.ndim != 2:
             raise ModelFileError("model_mismatch", f"model output has shape {logits.shape}")
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(shifted)
-        probs /= probs.sum(axis=1, keepdims=True)
-        classes = probs.argmax(axis=1).astype(np.int64)
-        scores = probs[np.arange(len(classes)), classes].astype(np.float32)
-        return Predictions(classes, scores, probs.astype(np.float32))
+        return top1(logits)
 
-
-def prepare_inputs(x: Any, input_shape: Sequence[int]) -> np.ndarray:
-    """Validate inputs against a model's input shape; float32 [N, *input_shape], C order.
-
-    Accepts one example (exactly `input_shape`) or a batch (`[N, *input_shape]`),
-    as nested lists or a numeric array. Refuses strings, booleans, nulls,
-    ragged nesting, wrong shapes and NaN/Inf with an `InputError` that says
-    what was expected.
-    """
-    shape = tuple(int(d) for d in input_shape)
-    want = f"[N, {', '.join(map(str, shape))}] (or one example of {list(shape)})"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", np.exceptions.VisibleDeprecationWarning)
-            a = np.asarray(x)
-    except (ValueError, TypeError, RecursionError, np.exceptions.VisibleDeprecationWarning):
-        raise InputError(f"inputs are ragged or not numbers; expected {want}") from None
-    if a.dtype.kind not in "fiu":
-        what = {
-            "b": "booleans",
-            "U": "strings",
-            "S": "bytes",
-            "O": "non-numbers (null, mixed or ragged lists)",
-        }.get(a.dtype.kind, f"dtype {a.dtype}")
-        raise InputError(f"inputs must be numbers, got {what}; expected {want}")
-    if a.shape == shape:
-        a = a[None]
-    if a.shape[1:] != shape or a.ndim != len(shape) + 1:
-        raise InputError(f"inputs have shape {list(a.shape)}; expected {want}")
-    with np.errstate(over="ignore"):  # beyond float32 becomes Inf, refused just below
-        out = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(out).all():
-        raise InputError("inputs hold NaN, Inf or values beyond float32")
-    return out
 
 
 # ---------------------------------------------------------------- loading

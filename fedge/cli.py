@@ -20,6 +20,7 @@ from fedge.client.predict_cli import predict_command
 from fedge.demo import demo_command
 from fedge.server.cli import run_command as coordinator_run_command
 from fedge.server.devices_cli import devices_app, token_app
+from fedge.server.http_tokens_cli import http_token_app
 from fedge.server.models_cli import export_command, models_app
 from fedge.simulations.cli import simulate_command
 
@@ -90,6 +91,7 @@ coordinator_app = typer.Typer(help="The coordinator devices connect to.", no_arg
 coordinator_app.command("run")(coordinator_run_command)
 coordinator_app.add_typer(token_app, name="token")
 coordinator_app.add_typer(devices_app, name="devices")
+coordinator_app.add_typer(http_token_app, name="http-token")
 coordinator_app.add_typer(models_app, name="models")
 app.command("export")(export_command)
 app.command("predict")(predict_command)

@@ -61,7 +61,10 @@ def run_command(
                                          "HTTP API (models, predict, /metrics) on this port; "
                                          "0 picks a free one (printed)."),
     http_host: str = typer.Option("127.0.0.1", "--http-host", help="Address the HTTP API binds "
-                                  "(it has no authentication)."),
+                                  "(beyond loopback only with --http-auth)."),
+    http_auth: str = typer.Option("none", "--http-auth", help="HTTP API authentication: none "
+                                  "(loopback only) | mtls (enrolled devices) | token (bearer, "
+                                  "`fedge coordinator http-token add`) | any (either); HTTPS."),
     continuous: bool = typer.Option(False, "--continuous", help="Rounds without end; each new "
                                     "version becomes current only if it passes the gate."),
     min_ready: int | None = typer.Option(None, "--min-ready", min=1, help="Continuous: a round "
@@ -120,6 +123,7 @@ def run_command(
         tls_hostnames=tuple(tls_hostname),
         http_port=http_port,
         http_host=http_host,
+        http_auth=http_auth,
         continuous=ContinuousSettings(
             min_ready=min_ready or min_devices, every_minutes=every_minutes,
             promote_margin=promote_margin,

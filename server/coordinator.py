@@ -119,6 +119,7 @@ class CoordinatorOptions:
     grace_s: float = 2.0
     http_port: int | None = None  # None: no HTTP API; 0: a free port (printed)
     http_host: str = "127.0.0.1"
+    http_auth: str = "none"  # server/http_auth.py: none (loopback only) | mtls | token | any
     continuous: ContinuousSettings | None = None  # rounds without end, gated promotion
 
     @property
@@ -205,6 +206,13 @@ class Coordinator:
         A refusal or a failure stores no run; what was started is stopped again.
         """
         state_dir = Path(options.state_dir)
+        if options.http_port is not None:  # refused before anything binds or is stored
+            from fedge.server.http_auth import BindRefused, check_bind
+
+            try:
+                check_bind(options.http_host, options.http_auth, tls=not options.insecure)
+            except BindRefused as e:
+                raise StartRefused("http_bind", str(e)) from None
         plan = _plan(options, state_dir)  # reads the state only
         _probe_ports(options)  # before anything is written under the state folder
         async with contextlib.AsyncExitStack() as undo:
@@ -504,12 +512,15 @@ async def _serve(
     http, http_port = None, 0
     if options.http_port is not None:
         from fedge.server.http_api import HttpServer, make_http_app
+        from fedge.server.http_auth import auth_for_state
 
-        http = HttpServer(make_http_app(registry, metrics), host=options.http_host,
+        auth = auth_for_state(options.http_auth, options.state_dir, tls, store)
+        http = HttpServer(make_http_app(registry, metrics, auth=auth), host=options.http_host,
                           port=int(options.http_port))
         http_port = http.start()
         undo.push_async_callback(asyncio.to_thread, http.stop)
-        out(f"HTTP API on http://{_address(options.http_host, http_port)}")
+        auth_note = f" (auth: {options.http_auth})" if options.http_auth != "none" else ""
+        out(f"HTTP API on {http.scheme}://{_address(options.http_host, http_port)}{auth_note}")
     return _Servers(server, port, enrollment, enroll_port, http, http_port,
                     tls.ca_cert if tls is not None else None)
 

@@ -1,13 +1,17 @@
 """The coordinator's HTTP API: health, model downloads, predictions, Prometheus metrics.
 
-Its own port, bound to 127.0.0.1 unless configured otherwise: it has no
-authentication of its own, so exposing it is a deliberate act (behind a
-reverse proxy that authenticates, typically).
+Its own port, bound to 127.0.0.1 unless configured otherwise. Authentication
+(`server/http_auth.py`) is off by default, and then the server refuses to bind
+beyond loopback; with `--http-auth mtls|token|any` it serves HTTPS and every
+route but /healthz needs an enrolled device's certificate or a bearer token
+with the route's scope (`read`, or `predict` for predictions).
 
 - `GET /healthz`: liveness, and the current version.
 - `GET /v1/models`: the registry, newest last.
-- `GET /v1/models/{version}?format=fp32|fp16|int8|int4`: an export file
-  (`version` may be `current` or a unique prefix); ETag is the file's SHA-256.
+- `GET /v1/models/{version}?format=fp32|fp16|int8|int4|onnx|onnx-int8`: an
+  export file (`version` may be `current` or a unique prefix); ETag is the
+  file's SHA-256. The ONNX formats are built from the fp32 / int8 export
+  (`common/onnx_export.py`) and need the `onnx` package on the coordinator.
 - `POST /v1/predict`: `{"inputs": [...]}`, one example or a batch, predicted
   with the current model. Every bad request gets a 4xx JSON body
   `{"error": code, "detail": message}`; the server keeps serving.
@@ -27,6 +31,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +39,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from fedge.common.export import EXPORT_FORMATS, ModelFileError
+from fedge.common.export import EXPORT_FORMATS, ModelFileError, parse_model_file
 from fedge.common.inference import InputError, Predictor, load_predictor
+from fedge.common.onnx_file import ONNX_FORMATS, ONNX_SOURCE_FORMAT, OnnxFileError
+from fedge.server.http_auth import AuthRefused, HttpAuth, Principal, check_bind, require
 from fedge.server.metrics import Metrics
 from fedge.server.registry import Registry, RegistryError
 
@@ -47,6 +55,10 @@ DEFAULT_PREDICT_CAP = 256
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 """Bytes of a predict request body (256 Fashion-MNIST images as JSON are about 2 MB)."""
 DEFAULT_HOST = "127.0.0.1"
+DOWNLOAD_FORMATS = (*EXPORT_FORMATS, *ONNX_FORMATS)
+PEER_CERT_EXTENSION = "fedge.peer_cert"
+"""Where `_PeerCertH11` puts the TLS client certificate (DER) in a request's ASGI scope."""
+_ONNX_CACHE_ENTRIES = 4
 
 _STATUS_BY_REASON = {
     "not_found": 404,
@@ -125,12 +137,14 @@ def make_http_app(
     predict_format: str = "fp32",
     kernels: str = "auto",
     batch_size: int = 64,
+    auth: HttpAuth | None = None,
 ) -> FastAPI:
     """The FastAPI app over a registry and a metrics object (serve it with `HttpServer`).
 
     `predict_cap` bounds examples per request and `max_body_bytes` the request
     body; `predict_format` is the export the endpoint predicts with (fp32,
-    or int8 to serve exactly what int8 devices run).
+    or int8 to serve exactly what int8 devices run). `auth` (default: none)
+    says who may call what; `HttpServer` refuses to expose an app without it.
     """
     if predict_format not in EXPORT_FORMATS:
         raise ValueError(f"predict_format must be one of {EXPORT_FORMATS}, not {predict_format!r}")
@@ -138,13 +152,58 @@ def make_http_app(
         raise ValueError("predict_cap and max_body_bytes must be positive")
     app = FastAPI(title="fedge coordinator", docs_url=None, redoc_url=None, openapi_url=None)
     serving = _Serving(registry, predict_format, kernels)
+    policy = auth or HttpAuth("none")
+    app.state.auth = policy
+    onnx_cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+    onnx_lock = threading.Lock()
+
+    @app.exception_handler(AuthRefused)
+    async def refused(request: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, AuthRefused)
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse({"error": e.code, "detail": e.detail}, status_code=e.status,
+                            headers=headers)
+
+    def guard(request: Request, scope: str) -> Principal:
+        """The caller, if it holds `scope`; raises AuthRefused (401/403) otherwise."""
+        der = request.scope.get("extensions", {}).get(PEER_CERT_EXTENSION)
+        principal = policy.authenticate(request.headers, der)
+        require(principal, scope)
+        return principal
+
+    def export_bytes(version: str, fmt: str) -> bytes:
+        """The file served for `?format=`: a registry export, or ONNX built from one."""
+        if fmt not in ONNX_FORMATS:
+            return registry.export(version, fmt)
+        source = registry.export(version, ONNX_SOURCE_FORMAT[fmt])
+        key = (hashlib.sha256(source).hexdigest(), fmt)
+        with onnx_lock:
+            if key in onnx_cache:
+                onnx_cache.move_to_end(key)
+                return onnx_cache[key]
+        try:
+            from fedge.common.onnx_export import to_onnx
+        except ImportError:
+            raise RequestError(501, "no_onnx", "this coordinator has no `onnx` package: "
+                               "pip install 'fedge[onnx]'") from None
+        try:
+            data = to_onnx(parse_model_file(source), fmt)
+        except (OnnxFileError, ModelFileError) as e:
+            raise RequestError(422 if e.reason == "unsupported" else 500, e.reason,
+                               str(e)) from None
+        with onnx_lock:
+            onnx_cache[key] = data
+            while len(onnx_cache) > _ONNX_CACHE_ENTRIES:
+                onnx_cache.popitem(last=False)
+        return data
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "current": registry.current()}
 
     @app.get("/v1/models")
-    def list_models() -> Any:
+    def list_models(request: Request) -> Any:
+        guard(request, "read")
         try:
             records = registry.list_models()
         except RegistryError as e:
@@ -153,26 +212,31 @@ def make_http_app(
 
     @app.get("/v1/models/{version}")
     def download(version: str, request: Request, format: str = "fp32") -> Response:
-        if format not in EXPORT_FORMATS:
-            return _error(400, "bad_format", f"format must be one of {', '.join(EXPORT_FORMATS)}")
+        guard(request, "read")
+        if format not in DOWNLOAD_FORMATS:
+            return _error(400, "bad_format", f"format must be one of {', '.join(DOWNLOAD_FORMATS)}")
         try:
             full = registry.resolve(version)
-            data = registry.export(full, format)
+            data = export_bytes(full, format)
+        except RequestError as e:
+            return _error(e.status, e.code, e.detail)
         except RegistryError as e:
             status = _STATUS_BY_REASON.get(e.reason, 500)
             if status == 500:
                 log.error("export of %s failed: %s", version, e)
             return _error(status, e.reason, str(e))
         etag = f'"{hashlib.sha256(data).hexdigest()}"'
+        suffix = "onnx" if format in ONNX_FORMATS else "pb"
         headers = {
             "ETag": etag,
             "X-Fedge-Version": full,
             "X-Fedge-Format": format,
-            "Content-Disposition": f'attachment; filename="fedge-{full[:12]}-{format}.pb"',
+            "Content-Disposition": f'attachment; filename="fedge-{full[:12]}-{format}.{suffix}"',
         }
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
-        return Response(data, media_type="application/x-protobuf", headers=headers)
+        media = "application/octet-stream" if suffix == "onnx" else "application/x-protobuf"
+        return Response(data, media_type=media, headers=headers)
 
     def run_predict(body: bytes) -> dict[str, Any]:
         inputs = _parse_inputs(body)
@@ -201,6 +265,7 @@ def make_http_app(
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
+        await run_in_threadpool(guard, request, "predict")  # a device lookup reads SQLite
         start = time.perf_counter()
         outcome, examples = "ok", 0
         try:
@@ -219,7 +284,8 @@ def make_http_app(
             metrics.observe_predict(time.perf_counter() - start, examples=examples, outcome=outcome)
 
     @app.get("/metrics")
-    def scrape() -> Response:
+    def scrape(request: Request) -> Response:
+        guard(request, "read")
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
@@ -243,9 +309,35 @@ async def _read_capped(request: Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
+class _PeerCertH11(H11Protocol):
+    """uvicorn's h11 protocol that hands the TLS client certificate to the app.
+
+    uvicorn gives ASGI apps no TLS details; asyncio completes the handshake
+    before `connection_made`, so the certificate is read once per connection
+    and put in each request's scope (`PEER_CERT_EXTENSION`, DER or None).
+    """
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        inner = self.app
+
+        async def with_cert(scope: Any, receive: Any, send: Any) -> None:
+            scope.setdefault("extensions", {})[PEER_CERT_EXTENSION] = der
+            await inner(scope, receive, send)
+
+        self.app = with_cert
+
+
 @dataclass
 class HttpServer:
-    """uvicorn serving an app in a background thread; `start()` returns the bound port."""
+    """uvicorn serving an app in a background thread; `start()` returns the bound port.
+
+    The app's `HttpAuth` (from `make_http_app(auth=...)`) decides TLS and
+    client certificates; `start()` refuses (`BindRefused`) a host beyond
+    loopback without authentication before anything binds.
+    """
 
     app: FastAPI
     host: str = DEFAULT_HOST
@@ -253,7 +345,17 @@ class HttpServer:
     _server: uvicorn.Server | None = None
     _thread: threading.Thread | None = None
 
+    @property
+    def auth(self) -> HttpAuth:
+        return getattr(self.app.state, "auth", None) or HttpAuth("none")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.auth.tls else "http"
+
     def start(self, timeout: float = 10.0) -> int:
+        auth = self.auth
+        check_bind(self.host, auth.mode, tls=auth.tls)
         config = uvicorn.Config(
             self.app,
             host=self.host,
@@ -261,6 +363,8 @@ class HttpServer:
             log_level="warning",
             lifespan="off",
             access_log=False,
+            http=_PeerCertH11,
+            **auth.ssl_options(),
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="fedge-http", daemon=True)

@@ -24,9 +24,11 @@ import click
 import typer
 
 from fedge.common.atomic_file import atomic_write
+from fedge.common.onnx_file import ONNX_FORMATS, ONNX_SOURCE_FORMAT
 
 DEFAULT_STATE = Path("fedge-out/coordinator")
-FORMATS = ("fp32", "fp16", "int8", "int4")
+FORMATS = ("fp32", "fp16", "int8", "int4", *ONNX_FORMATS)
+"""fedge.common.export.EXPORT_FORMATS (repeated: that module loads numpy) + the ONNX ones."""
 
 models_app = typer.Typer(
     help="Model versions: list, show, promote, roll back, evaluate.",
@@ -197,9 +199,25 @@ def export_command(
     """Write a model version as a self-checking export file for devices (`fedge predict`)."""
     if fmt not in FORMATS:
         raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    onnx = fmt in ONNX_FORMATS
+    if onnx and out.suffix != ".onnx":
+        raise _fail(f"--out {out}: an ONNX export is named *.onnx (fedge predict goes by it)")
+    if onnx:
+        try:
+            from fedge.common.onnx_export import to_onnx
+        except ImportError:
+            raise _fail("--format onnx needs the onnx package: pip install 'fedge[onnx]'") from None
     with _registry(state) as reg:
         full = reg.resolve(version)
-        data = reg.export(full, fmt)
+        data = reg.export(full, ONNX_SOURCE_FORMAT.get(fmt, fmt))
+    if onnx:
+        from fedge.common.export import parse_model_file
+        from fedge.common.onnx_file import OnnxFileError
+
+        try:
+            data = to_onnx(parse_model_file(data), fmt)
+        except OnnxFileError as e:
+            raise _fail(f"cannot export {full[:12]} as {fmt}: {e.detail}") from None
     atomic_write(out, data, 0o644, prefix=f".{out.name}.", make_parents=True)
     typer.echo(f"wrote {out}: {full[:12]} as {fmt}, {len(data):,} bytes")
 

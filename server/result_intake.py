@@ -35,6 +35,7 @@ from typing import Any, Literal, NoReturn
 
 from fedge.common import flower_compat as fc
 from fedge.common.chunking import ChunkError
+from fedge.common.errors import ReasonError
 from fedge.common.signing import SignatureInvalid, verify_result
 from fedge.server.audit import audit
 from fedge.server.device_identity import IdentityRefused, identify_peer, peer_cert_pem
@@ -66,13 +67,14 @@ _TASK_ID = re.compile(r"[0-9a-f]{32}")
 _ERROR_CHARS = 300
 
 
-class ResultRefused(Exception):
+class ResultRefused(ReasonError):
     """A result that is not counted: `reason` (a `RefusalReason`) and what the device is told."""
 
+    what = ""  # the detail is what the device reads in the status
+    reason: RefusalReason
+
     def __init__(self, reason: RefusalReason, detail: str = "") -> None:
-        self.reason: RefusalReason = reason
-        self.detail = detail
-        super().__init__(detail or reason)
+        super().__init__(reason, detail)
 
 
 class ResultIntake:

@@ -23,23 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from fedge.common.chunking import sha256_hex
+from fedge.common.errors import ReasonError
 from fedge.server.model_store import ModelStore
 from fedge.server.store import RunStatus, Store
 
 _MISSING = object()
 
 
-class StartRefused(Exception):
+class StartRefused(ReasonError):
     """The coordinator will not start; `str(e)` is the one line the user reads (exit 2).
 
     `reason` is a short stable code ("run_flags_differ", "port_in_use", ...),
     `detail` the line itself.
     """
 
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(detail)
+    what = ""
 
 
 @dataclass(frozen=True)

@@ -239,3 +239,31 @@ def test_metadata_is_plain_json_a_device_can_read() -> None:
     assert json.loads(snap.metadata["input-shape"]) == [1, 8, 8]
     assert json.loads(snap.metadata["lineage"])["round"] == 3
     assert snap.metadata["format"] == "int4"
+
+
+def test_fedge_export_writes_onnx_files(tmp_path: Path) -> None:
+    """`fedge export --format onnx|onnx-int8` from a coordinator's state folder."""
+    from test_registry import make_state
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+    from fedge.common.onnx_runtime import load_onnx_predictor
+
+    state = make_state(tmp_path / "state")
+    try:
+        state.registry.promote(state.versions[1], reason="test")
+        runner = CliRunner()
+        for fmt in ("onnx", "onnx-int8"):
+            out = tmp_path / "exports" / f"m-{fmt}.onnx"
+            done = runner.invoke(app, ["export", "--format", fmt, "--out", str(out),
+                                       "--state", str(state.folder)])
+            assert done.exit_code == 0, done.output
+            model = load_onnx_predictor(out)
+            assert model.info.format == fmt and model.info.source_version == state.versions[1]
+            assert model.info.task == "digits" and model.info.input_shape == (1, 8, 8)
+        wrong = runner.invoke(app, ["export", "--format", "onnx", "--out",
+                                    str(tmp_path / "m.pb"), "--state", str(state.folder)])
+        assert wrong.exit_code == 1 and "*.onnx" in wrong.output
+        assert not (tmp_path / "m.pb").exists()
+    finally:
+        state.store.close()

@@ -86,6 +86,29 @@ def test_download_every_format(served, state: State) -> None:
     assert parse_model_file(current.content).source_version == state.versions[2]
 
 
+def test_download_onnx_formats(served, state: State) -> None:
+    from fedge.common.onnx_runtime import load_onnx_predictor
+
+    client, _ = served
+    x = np.asarray(_examples(6, seed=4), np.float32)
+    for fmt, source in (("onnx", "fp32"), ("onnx-int8", "int8")):
+        r = client.get(f"/v1/models/{state.versions[1][:10]}", params={"format": fmt})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert r.headers["content-disposition"].endswith(f'-{fmt}.onnx"')
+        assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+        model = load_onnx_predictor(r.content)  # the seal holds; ONNX Runtime loads it
+        assert model.info.format == fmt and model.info.source_version == state.versions[1]
+        from fedge.common.inference import load_predictor
+
+        torch_model = load_predictor(state.registry.export(state.versions[1], source),
+                                     kernels="float")
+        np.testing.assert_allclose(model.logits(x), torch_model.logits(x), atol=1e-4)
+        again = client.get(f"/v1/models/{state.versions[1]}", params={"format": fmt},
+                           headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304  # served from the same bytes: cached, deterministic
+
+
 def test_download_errors(served) -> None:
     client, _ = served
     for path, params, status, code in (

@@ -4,6 +4,11 @@ A short run (2 devices, 2 rounds, HTTP API on), then `fedge client run
 --inference-only` keeps the current model in its data folder, follows a
 rollback, and `fedge predict` serves from that file. A download with one
 byte flipped is refused and the previous good model stays installed.
+
+With TLS and `--http-auth mtls`, an inference-only device enrolls like any
+other (`fedge enroll`), fetches the ONNX int8 model with its certificate and
+predicts with ONNX Runtime in processes where torch and Flower cannot be
+imported; revoked, it is refused on its next poll.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import http.server
 import json
 import re
+import ssl
 import subprocess
 import threading
 import time
@@ -23,11 +29,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedge.client.inference_device import InferenceDevice, model_path
 from fedge.common.export import parse_model_file
-from fedge.demo import _Proc, child_env, fedge_command, start, stop, wait_for_line
+from fedge.demo import _Proc, child_env, enroll_devices, fedge_command, start, stop, wait_for_line
 
 LISTEN = re.compile(r"^listening on (\S+):(\d+)$")
 HTTP = re.compile(r"^HTTP API on (http://\S+)$")
 INSTALLED = re.compile(r"^model: installed ([0-9a-f]{12})")
+CA = re.compile(r"^TLS on: devices need --ca (.+)$")
+ENROLL = re.compile(r"^enrollment on (\S+):(\d+)$")
+HTTPS = re.compile(r"^HTTP API on (https://\S+) \(auth: mtls\)$")
+NO_TORCH = """import sys
+for name in ("torch", "flwr", "ray"):  # as if not installed: imports raise, find_spec is None
+    sys.modules[name] = None
+"""
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -159,5 +172,96 @@ def test_inference_only_device_follows_current_and_refuses_a_flipped_byte(
         assert not model_path(tmp_path / "fresh", "int8").exists()
         # the genuine file passes again (304: nothing to download)
         assert InferenceDevice(api, data, fmt="int8").check_once().outcome == "unchanged"
+    finally:
+        stop(procs)
+
+
+def test_enrolled_inference_only_device_fetches_onnx_with_its_certificate(
+    tmp_path: Path,
+) -> None:
+    procs: list[_Proc] = []
+    state = tmp_path / "state"
+    (tmp_path / "no-torch").mkdir()
+    (tmp_path / "no-torch" / "sitecustomize.py").write_text(NO_TORCH)
+    no_torch = {"PYTHONPATH": str(tmp_path / "no-torch")}
+    try:
+        coord = start("coordinator", fedge_command(
+            "coordinator", "run", "--state", str(state), "--port", "0", "--enroll-port", "0",
+            "--heartbeat-interval", "1", "--task", "digits", "--codec", "int8",
+            "--rounds", "1", "--min-devices", "2", "--round-timeout", "60",
+            "--keep-serving", "--http-port", "0", "--http-auth", "mtls",
+            "--run-config", "local-epochs=1",
+        ), echo=False, log_path=tmp_path / "coordinator.log")
+        procs.append(coord)
+        ca = wait_for_line(coord, CA, 90).group(1)
+        wait_for_line(coord, LISTEN, 90)
+        api = wait_for_line(coord, HTTPS, 30).group(1)
+        enroll_at = wait_for_line(coord, ENROLL, 30)
+        enroll_target = f"{enroll_at.group(1)}:{enroll_at.group(2)}"
+        enroll_devices(state, enroll_target, Path(ca), [tmp_path / "dev0", tmp_path / "dev1"])
+        for i in range(2):
+            procs.append(start(f"dev{i}", fedge_command(
+                "client", "run", "--data", str(tmp_path / f"dev{i}"), "--partition-id", str(i),
+                "--num-partitions", "2", "--max-backoff", "1",
+            ), echo=False, log_path=tmp_path / f"dev{i}.log"))
+
+        # the viewer enrolls with `fedge enroll`, the token in the environment
+        from fedge.server.store import Store
+        from fedge.server.tokens import TokenBook
+
+        with Store.open(state / "fedge.db") as store:
+            token = TokenBook(store).create(ttl_s=300, label="viewer").token
+        viewer_data = tmp_path / "viewer"
+        enrolled = subprocess.run(
+            fedge_command("enroll", "--coordinator", enroll_target, "--ca", ca,
+                          "--data", str(viewer_data), "--name", "viewer"),
+            capture_output=True, text=True, timeout=120,
+            env=child_env({"FEDGE_ENROLL_TOKEN": token, **no_torch}),
+        )
+        assert enrolled.returncode == 0, enrolled.stderr
+        device_id = json.loads((viewer_data / "identity" / "enrollment.json").read_text())[
+            "device_id"]
+        wait_for_line(coord, re.compile(r"^serving on"), 150)
+        trust = ssl.create_default_context(cafile=ca)  # no client certificate
+        with pytest.raises(httpx.HTTPError):  # mtls: no handshake without a certificate
+            httpx.get(f"{api}/healthz", verify=trust, timeout=10)
+        identity = viewer_data / "identity"
+        trust.load_cert_chain(identity / "device.pem", identity / "device.key")
+        current = httpx.get(f"{api}/healthz", verify=trust, timeout=10).json()["current"]
+        assert current
+
+        viewer = start("viewer", fedge_command(
+            "client", "run", "--inference-only", "--model-url", api, "--data", str(viewer_data),
+            "--model-format", "onnx-int8", "--poll-interval", "0.3",
+        ), echo=False, log_path=tmp_path / "viewer.log", env=child_env(no_torch))
+        procs.append(viewer)
+        assert wait_for_line(viewer, INSTALLED, 60).group(1) == current[:12]
+        installed = model_path(viewer_data, "onnx-int8")
+        assert installed.name == "model.onnx-int8.onnx"
+
+        from sklearn.datasets import load_digits
+
+        x = (load_digits().images[:5] / 16.0).astype(np.float32).reshape(5, 1, 8, 8)
+        inputs = tmp_path / "x.json"
+        inputs.write_text(json.dumps({"inputs": x.tolist()}))
+        predicted = subprocess.run(
+            fedge_command("predict", "--model", str(installed), "--json", str(inputs)),
+            capture_output=True, text=True, env=child_env(no_torch), timeout=120,
+        )
+        assert predicted.returncode == 0, predicted.stderr
+        doc = json.loads(predicted.stdout)
+        assert doc["model"]["source_version"] == current
+        assert doc["model"]["kernels"] == "onnxruntime" and len(doc["predictions"]) == 5
+
+        # revoked: the next poll is refused, the installed model stays
+        good = installed.read_bytes()
+        revoked = subprocess.run(
+            fedge_command("coordinator", "devices", "revoke", device_id, "--state", str(state)),
+            capture_output=True, text=True, env=child_env(), timeout=120,
+        )
+        assert revoked.returncode == 0, revoked.stderr
+        line = wait_for_line(viewer, re.compile(r"^model: denied .*403.*"), 30)
+        assert "revoked" in line.group(0)
+        assert installed.read_bytes() == good
     finally:
         stop(procs)
