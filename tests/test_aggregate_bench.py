@@ -47,7 +47,10 @@ def _check_report(report: dict, held: bool) -> None:
             assert row.keys() >= PER_RUN_KEYS
             assert row["baseline_mb"] > 0 and row["seconds"] >= 0
     checks = report["checks"]
-    assert set(checks) == {"wrapper_growth_model_sizes", "wrapper_vs_stock_at_3"}
+    assert set(checks) == {
+        "wrapper_growth_model_sizes", "wrapper_vs_stock_at_3", "wrapper_time_vs_stock_at_3"
+    }
+    assert report["wrapper_time_vs_stock_at_3"] == checks["wrapper_time_vs_stock_at_3"]["value"]
     for c in checks.values():
         assert isinstance(c["pass"], bool) and {"value", "bar"} <= c.keys()
     w = report["results"]["wrapper"]
