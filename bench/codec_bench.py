@@ -146,16 +146,21 @@ def measure(codec: str, tensor: str, arrays: dict[str, np.ndarray], repeats: int
     }
 
 
-def run(repeats: int) -> list[dict]:
-    tensors = {"cnn": cnn_arrays(), "10M": ten_m_arrays()}
-    memcpy, memcpy_prealloc = memcpy_gbps(tensors["10M"]["x"], repeats)
+def run(repeats: int, *, flat_elements: int = TEN_M, codecs: tuple[str, ...] = CODECS,
+        cnn: bool = True) -> list[dict]:
+    """Every codec on the CNN and on one flat tensor (10 M floats, named "10M"; another
+    size is named "flat-<n>", so `check_bars` only ever reads full-size rows)."""
+    flat = "10M" if flat_elements == TEN_M else f"flat-{flat_elements}"
+    x = np.random.default_rng(1).standard_normal(flat_elements, dtype=np.float32)
+    tensors = {"cnn": cnn_arrays(), flat: {"x": x}} if cnn else {flat: {"x": x}}
+    memcpy, memcpy_prealloc = memcpy_gbps(x, repeats)
     rows = [
         measure(codec, name, arrays, repeats)
-        for codec in CODECS
+        for codec in codecs
         for name, arrays in tensors.items()
     ]
     # torch last: its OpenMP workers keep spinning for a while after each op
-    torch_ref = torch_ref_gbps(tensors["10M"]["x"], repeats)
+    torch_ref = torch_ref_gbps(x, repeats)
     for row in rows:
         row["memcpy_GBps"] = memcpy
         row["memcpy_prealloc_GBps"] = memcpy_prealloc

@@ -116,17 +116,24 @@ def edge_footprint(
         data="whole Fashion-MNIST train set, partition cut on the device"
         if full_dataset
         else f"{SAMPLES * 5 // 4} images in the device's own folder ({SAMPLES} train)",
-        limits_mb={"waiting": IDLE_LIMIT_MB, "training": TRAIN_LIMIT_MB},
+        limits_mb={"waiting": IDLE_LIMIT_MB,
+                   "training": "bare torch loop's peak" if bare_torch else TRAIN_LIMIT_MB},
         unit="MB = 10^6 bytes",
     )
+    # issue 14's bar: training peaks no higher than a bare torch loop's in the same run
+    # (the fixed TRAIN_LIMIT_MB where the loop is not measured)
+    train_limit = float(TRAIN_LIMIT_MB)
+    if bare_torch:
+        bare = bare_torch_peak_rss_mb(timeout_s=timeout_s)
+        result["bare_torch_loop_peak_rss_mb"] = bare
+        train_limit = bare
+    result["training_limit_mb"] = train_limit
     result["ok"] = (
         result["waiting_rss_mb"] <= IDLE_LIMIT_MB
-        and result["training_peak_rss_mb"] <= TRAIN_LIMIT_MB
+        and result["training_peak_rss_mb"] <= train_limit
     )
     peaks = [v for k, v in result.items() if k.startswith("round_") and k.endswith("peak_rss_mb")]
-    result["ok_later_rounds"] = all(p <= TRAIN_LIMIT_MB for p in peaks)
-    if bare_torch:
-        result["bare_torch_loop_peak_rss_mb"] = bare_torch_peak_rss_mb(timeout_s=timeout_s)
+    result["ok_later_rounds"] = all(p <= train_limit for p in peaks)
     return result
 
 
