@@ -108,7 +108,9 @@ def model_layout(params: int) -> list[tuple[str, tuple[int, ...]]]:
     out = max(1, min(1000, rest // 100))
     cols = max(1, (rest - out) // out)
     bias = rest - out * cols
-    layout = [("fc1.weight", (side, side)), ("fc2.weight", (out, cols))]
+    layout: list[tuple[str, tuple[int, ...]]] = [
+        ("fc1.weight", (side, side)), ("fc2.weight", (out, cols))
+    ]
     if bias > 0:
         layout.append(("fc2.bias", (bias,)))
     return layout
@@ -218,7 +220,7 @@ def run_child(path: str, count: int, params: int, delivery: str) -> dict[str, An
 
     # POOL distinct updates, identical in both children (seeded): the wrapper's replies carry
     # them encoded, stock FedAvg's carry global + the decoded delta the wrapper will fold in.
-    pool: list[dict[str, tuple[str, tuple[int, ...], bytes]]] = []
+    pool: list[dict[str, tuple[str, tuple[int, ...], str, bytes]]] = []
     for _ in range(min(POOL, count)):
         delta = {k: rng.normal(scale=0.01, size=s).astype(np.float32) for k, s in layout}
         update, _ = encode_update(
@@ -232,7 +234,7 @@ def run_child(path: str, count: int, params: int, delivery: str) -> dict[str, An
             pool.append({UPDATE_KEY: (arr.dtype, arr.shape, arr.stype, arr.data)})
         else:
             decoded = decode_update(data, expected=expected).arrays
-            entry = {}
+            entry: dict[str, tuple[str, tuple[int, ...], str, bytes]] = {}
             for k, d in decoded.items():
                 arr = Array(global_np[k] + d)
                 entry[k] = (arr.dtype, arr.shape, arr.stype, arr.data)

@@ -216,10 +216,10 @@ def _measure_with_fedge(
     for key, value in run_config.items():
         if key != "task":
             args += ["--run-config", f"{key}={value}"]
-    with open(coord_log, "ab") as out:
+    with open(coord_log, "ab") as log_file:
         coord = subprocess.Popen(
             [sys.executable, "-c", "from fedge.cli import app; app()", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=_env(),
+            stdout=log_file, stderr=subprocess.STDOUT, env=_env(),
         )
     devices: list[subprocess.Popen] = []
     try:
@@ -434,8 +434,8 @@ def _cnn_train_payload(node_id: int) -> bytes:
     from fedge.common.models import FedAvgCNN
     from fedge.server.flower_compat import message_to_bytes
 
-    config = {"server-round": 1, "fedge.codec": "int8", "local-epochs": 1, "batch-size": 32,
-              "lr": 0.05, "fedge.run-id": "1"}
+    config: dict[str, Any] = {"server-round": 1, "fedge.codec": "int8", "local-epochs": 1,
+                              "batch-size": 32, "lr": 0.05, "fedge.run-id": "1"}
     content = RecordDict(
         {"arrays": model_to_record(FedAvgCNN(seed=0)), "config": ConfigRecord(config)}
     )
@@ -444,7 +444,7 @@ def _cnn_train_payload(node_id: int) -> bytes:
         reply_to_message_id="", group_id="1", created_at=time.time(), ttl=DEFAULT_TTL,
         message_type=MessageType.TRAIN,
     )
-    return message_to_bytes(Message(content, metadata=metadata))
+    return message_to_bytes(Message(content, metadata=metadata))  # type: ignore[call-overload]
 
 
 # ------------------------------------------------------------- the coordinator
@@ -459,6 +459,8 @@ class _FakeInThread:
         module = sys.modules.get("edge_fake_coordinator")
         if module is None:
             spec = importlib.util.spec_from_file_location("edge_fake_coordinator", _FAKE)
+            if spec is None or spec.loader is None:
+                raise RuntimeError(f"{_FAKE} cannot be loaded as a module")
             module = importlib.util.module_from_spec(spec)
             sys.modules["edge_fake_coordinator"] = module  # dataclasses look it up
             spec.loader.exec_module(module)

@@ -82,7 +82,11 @@ class Coordinator:
         self.times: list[float] = []  # time.monotonic() each line arrived
         self._cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
-        line = self.wait_line("listening on ", 120)
+        try:
+            line = self.wait_line("listening on ", 120)
+        except RuntimeError:
+            self.stop()
+            raise
         self.port = int(line.rsplit(":", 1)[1])
 
     def _read(self) -> None:
@@ -194,8 +198,9 @@ class FleetEvents:
 class Workers:
     """Client processes, each running its share of the devices (asyncio inside)."""
 
-    def __init__(self, events: FleetEvents) -> None:
+    def __init__(self, events: FleetEvents, log_dir: Path) -> None:
         self.events = events
+        self.log_dir = log_dir
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, target: str, ca: Path, devices_file: Path, first: int, count: int,
@@ -206,8 +211,9 @@ class Workers:
                    "--target", target, "--ca", str(ca), "--devices", str(devices_file),
                    "--first", str(lo), "--count", str(n), "--mode", mode,
                    "--push-delay", str(push_delay_s)]
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, text=True, env=_env())
+            with open(self.log_dir / f"devices-{lo}.log", "ab") as log:
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=log, text=True, env=_env())
             self.procs.append(proc)
             threading.Thread(target=self._read, args=(proc,), daemon=True).start()
 
@@ -225,6 +231,17 @@ class Workers:
                 elif kind == "E":
                     self.events.errors.append(rest)
                 self.events.cond.notify_all()
+
+    def wait(self, what: Callable[[], bool], timeout: float, label: str) -> None:
+        """`events.wait`, with the workers' own error output in the message if it fails."""
+        try:
+            self.events.wait(what, timeout, label)
+        except RuntimeError as e:
+            tails = [
+                f"{log.name}: {' | '.join(log.read_text(errors='replace').splitlines()[-3:])}"
+                for log in sorted(self.log_dir.glob("devices-*.log")) if log.stat().st_size
+            ]
+            raise RuntimeError("; ".join([str(e), *tails[:3]])) from None
 
     def stop(self) -> None:
         """Close each worker's stdin (its signal to stop), then make sure it is gone."""
@@ -417,7 +434,7 @@ def measure_idle(sizes: Sequence[int], settle_s: float = 5.0, window_s: float = 
         state, ca, devices_file = _fleet(Path(t), sizes[-1])
         coord = Coordinator(state, _coordinator_args(sizes[-1] + 1, 1))
         events = FleetEvents()
-        workers = Workers(events)
+        workers = Workers(events, Path(t))
         try:
             time.sleep(1.0)
             base_rss = coord.rss_mb()
@@ -426,7 +443,7 @@ def measure_idle(sizes: Sequence[int], settle_s: float = 5.0, window_s: float = 
                 t0 = time.time()
                 workers.start(f"127.0.0.1:{coord.port}", ca, devices_file, have, size - have,
                               "idle", per_worker=per_worker)
-                events.wait(_at_least(events.joins, size), 120 + size / 20,
+                workers.wait(_at_least(events.joins, size), 120 + size / 20,
                             f"{size} devices joined")
                 join_s = max(min(v) for k, v in events.joins.items() if k >= have) - t0
                 have = size
@@ -475,11 +492,11 @@ def measure_round(devices: int, per_worker: int = DEVICES_PER_WORKER,
         state, ca, devices_file = _fleet(Path(t), devices)
         coord = Coordinator(state, _coordinator_args(devices, 1, ["--keep-serving"]))
         events = FleetEvents()
-        workers = Workers(events)
+        workers = Workers(events, Path(t))
         try:
             workers.start(f"127.0.0.1:{coord.port}", ca, devices_file, 0, devices, "train",
                           per_worker=per_worker)
-            events.wait(lambda: len(events.joins) >= devices, 120 + devices / 20,
+            workers.wait(lambda: len(events.joins) >= devices, 120 + devices / 20,
                         f"{devices} devices joined")
             started = coord.wait_index("round 1 of 1 starts", 60)
             ended = coord.wait_index("round 1/1", timeout_s)
@@ -514,21 +531,21 @@ def measure_storm(devices: int, per_worker: int = DEVICES_PER_WORKER, push_delay
         coord = Coordinator(state, _coordinator_args(devices, 2))
         port = coord.port
         events = FleetEvents()
-        workers = Workers(events)
+        workers = Workers(events, Path(t))
         try:
             workers.start(f"127.0.0.1:{port}", ca, devices_file, 0, devices, "train",
                           push_delay_s=push_delay_s, per_worker=per_worker)
-            events.wait(lambda: len(events.joins) >= devices, 120 + devices / 20,
+            workers.wait(lambda: len(events.joins) >= devices, 120 + devices / 20,
                         f"{devices} devices joined")
             half = max(1, devices // 2)  # kill while round 1's uploads arrive
-            events.wait(lambda: sum(1 for a in events.acks if a[1] == 1) >= half, timeout_s,
+            workers.wait(lambda: sum(1 for a in events.acks if a[1] == 1) >= half, timeout_s,
                         "half of round 1's uploads")
             acked_before_kill = sum(1 for a in events.acks if a[1] == 1)
             coord.kill9()
             killed_at = time.time()
             coord = Coordinator(state, _coordinator_args(devices, 2), port=port)
             restarted_at = time.time()
-            events.wait(lambda: len(events.joined_since(killed_at)) >= devices,
+            workers.wait(lambda: len(events.joined_since(killed_at)) >= devices,
                         REJOIN_SECONDS_GOAL * 3, f"{devices} devices rejoined")
             rejoined = events.joined_since(killed_at)
             coord.wait_line("round 2/2", timeout_s)
