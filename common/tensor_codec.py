@@ -323,7 +323,7 @@ class QuantizedArray:
 
     Decoding a 5 M-parameter update to float32 writes 20 MB that the
     coordinator's running sum reads once and drops: `accumulate_into` folds
-    the int8 values straight into the sum instead (bit for bit the same sum).
+    the int8 values straight into the sum instead (the same float32 products).
     Everything else sees a float array: `np.asarray(q)` (and any numpy
     operation) decodes it. Made only after every check `_decode_quantized`
     applies, so a `QuantizedArray` always decodes to finite values.
