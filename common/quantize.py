@@ -336,7 +336,9 @@ def dequantize_accumulate(
             np.multiply(f32[: c1 - c0], weight, out=wide[: c1 - c0], dtype=acc.dtype)
             acc[c0:c1] += wide[: c1 - c0]
 
-    _run_chunks(n, chunk, work)
+    # one thread: the sum's memory traffic bounds it (a second thread measured no faster
+    # here), and the coordinator's other core serves the devices meanwhile
+    _run_chunks(n, chunk, work, parallel=False)
 
 
 def check_range(values: np.ndarray, bits: int) -> None:
