@@ -94,10 +94,6 @@ def cnn_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def ten_m_arrays(seed: int = 1) -> dict[str, np.ndarray]:
-    return {"x": np.random.default_rng(seed).standard_normal(TEN_M, dtype=np.float32)}
-
-
 def _delta_data(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """`count` seeded training samples [N,1,28,28]: Fashion-MNIST, else digits padded."""
     from fedge.common.datasets import DatasetMissing, images_to_float, load_digits, load_idx_raw
@@ -291,13 +287,22 @@ def measure(
     }
 
 
-def run(repeats: int) -> list[dict]:
-    delta, source = cnn_delta_arrays()
-    tensors = {"cnn": cnn_arrays(), "10M": ten_m_arrays(), "cnn-delta": delta}
-    memcpy, memcpy_prealloc = memcpy_gbps(tensors["10M"]["x"], repeats)
+def run(repeats: int, *, flat_elements: int = TEN_M, codecs: tuple[str, ...] = CODECS,
+        cnn: bool = True) -> list[dict]:
+    """Every codec on the CNN, on a real CNN update ("cnn-delta") and on one flat tensor
+    (10 M floats, named "10M"; another size is named "flat-<n>", so `check_bars` only
+    ever reads full-size rows)."""
+    flat = "10M" if flat_elements == TEN_M else f"flat-{flat_elements}"
+    x = np.random.default_rng(1).standard_normal(flat_elements, dtype=np.float32)
+    tensors: dict[str, dict[str, np.ndarray]] = {flat: {"x": x}}
+    source = ""
+    if cnn:
+        delta, source = cnn_delta_arrays()
+        tensors = {"cnn": cnn_arrays(), flat: {"x": x}, "cnn-delta": delta}
+    memcpy, memcpy_prealloc = memcpy_gbps(x, repeats)
     rows = [
         measure(codec, name, arrays, repeats)
-        for codec in CODECS
+        for codec in codecs
         for name, arrays in tensors.items()
     ]
     rows += [measure_nf4_reference(name, arrays, repeats) for name, arrays in tensors.items()]
@@ -305,7 +310,7 @@ def run(repeats: int) -> list[dict]:
         if row["tensor"] == "cnn-delta":
             row["data"] = source
     # torch last: its OpenMP workers keep spinning for a while after each op
-    torch_ref = torch_ref_gbps(tensors["10M"]["x"], repeats)
+    torch_ref = torch_ref_gbps(x, repeats)
     for row in rows:
         row["memcpy_GBps"] = memcpy
         row["memcpy_prealloc_GBps"] = memcpy_prealloc

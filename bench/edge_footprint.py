@@ -116,17 +116,24 @@ def edge_footprint(
         data="whole Fashion-MNIST train set, partition cut on the device"
         if full_dataset
         else f"{SAMPLES * 5 // 4} images in the device's own folder ({SAMPLES} train)",
-        limits_mb={"waiting": IDLE_LIMIT_MB, "training": TRAIN_LIMIT_MB},
+        limits_mb={"waiting": IDLE_LIMIT_MB,
+                   "training": "bare torch loop's peak" if bare_torch else TRAIN_LIMIT_MB},
         unit="MB = 10^6 bytes",
     )
+    # issue 14's bar: training peaks no higher than a bare torch loop's in the same run
+    # (the fixed TRAIN_LIMIT_MB where the loop is not measured)
+    train_limit = float(TRAIN_LIMIT_MB)
+    if bare_torch:
+        bare = bare_torch_peak_rss_mb(timeout_s=timeout_s)
+        result["bare_torch_loop_peak_rss_mb"] = bare
+        train_limit = bare
+    result["training_limit_mb"] = train_limit
     result["ok"] = (
         result["waiting_rss_mb"] <= IDLE_LIMIT_MB
-        and result["training_peak_rss_mb"] <= TRAIN_LIMIT_MB
+        and result["training_peak_rss_mb"] <= train_limit
     )
     peaks = [v for k, v in result.items() if k.startswith("round_") and k.endswith("peak_rss_mb")]
-    result["ok_later_rounds"] = all(p <= TRAIN_LIMIT_MB for p in peaks)
-    if bare_torch:
-        result["bare_torch_loop_peak_rss_mb"] = bare_torch_peak_rss_mb(timeout_s=timeout_s)
+    result["ok_later_rounds"] = all(p <= train_limit for p in peaks)
     return result
 
 
@@ -187,10 +194,10 @@ def _measure_with_fedge(
     for key, value in run_config.items():
         if key != "task":
             args += ["--run-config", f"{key}={json.dumps(value)}"]  # a TOML value
-    with open(coord_log, "ab") as out:
+    with open(coord_log, "ab") as log_file:
         coord = subprocess.Popen(
             [sys.executable, "-c", "from fedge.cli import app; app()", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=_env(),
+            stdout=log_file, stderr=subprocess.STDOUT, env=_env(),
         )
     devices: list[subprocess.Popen] = []
     try:
@@ -406,8 +413,8 @@ def _cnn_train_payload(node_id: int) -> bytes:
     from fedge.common.flower_compat import message_to_bytes
     from fedge.common.models import FedAvgCNN
 
-    config = {"server-round": 1, CODEC_KEY: "int8", "local-epochs": 1, "batch-size": 32,
-              "lr": 0.05, RUN_ID_KEY: "1"}
+    config: dict[str, Any] = {"server-round": 1, CODEC_KEY: "int8", "local-epochs": 1,
+                              "batch-size": 32, "lr": 0.05, RUN_ID_KEY: "1"}
     content = RecordDict(
         {"arrays": model_to_record(FedAvgCNN(seed=0)), "config": ConfigRecord(config)}
     )
@@ -416,7 +423,7 @@ def _cnn_train_payload(node_id: int) -> bytes:
         reply_to_message_id="", group_id="1", created_at=time.time(), ttl=DEFAULT_TTL,
         message_type=MessageType.TRAIN,
     )
-    return message_to_bytes(Message(content, metadata=metadata))
+    return message_to_bytes(Message(content, metadata=metadata))  # type: ignore[call-overload]
 
 
 # ------------------------------------------------------------- the coordinator
@@ -431,6 +438,8 @@ class _FakeInThread:
         module = sys.modules.get("edge_fake_coordinator")
         if module is None:
             spec = importlib.util.spec_from_file_location("edge_fake_coordinator", _FAKE)
+            if spec is None or spec.loader is None:
+                raise RuntimeError(f"{_FAKE} cannot be loaded as a module")
             module = importlib.util.module_from_spec(spec)
             sys.modules["edge_fake_coordinator"] = module  # dataclasses look it up
             spec.loader.exec_module(module)

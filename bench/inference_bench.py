@@ -191,12 +191,15 @@ def run(
     test_examples: int | None = None,
     calls: dict[int, int] | None = None,
     threads: int | None = None,
+    train: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole bench as one JSON-ready dict (`threads`: torch CPU threads, default torch's)."""
+    """The whole bench as one JSON-ready dict (`threads`: torch CPU threads, default torch's;
+    `train`: overrides of `TRAIN`, e.g. fewer examples for a quick run)."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    arrays = trained_cnn(cache_dir)
+    settings = {**TRAIN, **(train or {})}
+    arrays = trained_cnn(cache_dir, **(train or {}))
     train_s = time.perf_counter() - t0
     x, y = load_idx(split="test")
     if test_examples is not None:
@@ -215,7 +218,7 @@ def run(
         "model": "fedavg-cnn",
         "task": "fashion-mnist",
         "parameters": int(sum(a.size for a in arrays.values())),
-        "training": {**TRAIN, "seconds_or_cached": round(train_s, 2)},
+        "training": {**settings, "seconds_or_cached": round(train_s, 2)},
         "test_examples": len(y),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

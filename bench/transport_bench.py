@@ -2,21 +2,27 @@
 
 Three figures, one JSON object:
 
-1. **ingest**: devices (default 50, one TLS connection each, all at once) each
+Devices get in as real ones do: each holds a certificate from the coordinator's
+CA and its registry row (`fedge.bench.bench_devices`), connects with mutual TLS
+and signs every result it pushes (`fedge.common.signing`).
+
+1. **ingest**: devices (default 50, one mTLS connection each, all at once) each
    pull a task and push its result, several times over. The result is a real
    int8 update of the FedAvg paper's CNN (1,663,370 parameters: about 1.7 MB
    as a Flower reply message), sent in the coordinator's chunking. The same
    client code runs against (a) the real servicer, `CoordinatorService` with
-   its store, upload files, hash checks, reply validation and a `GrpcGrid`
+   its store, upload files, hash and signature checks, reply validation and a `GrpcGrid`
    that hands every reply to a consumer thread, and (b) a bare grpc.aio
-   server that only reads the chunks and answers. Each server is its own
+   server (same mutual TLS) that only reads the chunks and answers. Each server is its own
    child process, one after the other; the ratio (a)/(b) of payload MB/s is
    the servicer's overhead (bar: at least 0.5).
-2. **idle**: `fedge coordinator run` (TLS, a run waiting for more devices than
-   will come) in a child process, with 500 devices joined and long-polling on
-   their own connections; its RSS (psutil) before and after (bar: 400 MB).
+2. **idle**: `fedge coordinator run` (mutual TLS, a run waiting for more
+   devices than will come) in a child process, with 500 enrolled devices joined
+   and long-polling on their own connections; its RSS (psutil) before and after
+   (bar: 400 MB).
 3. **edge**: `fedge.bench.edge_footprint` (device RSS while waiting and peak
-   while training the CNN on 600 samples; bars 200 and 400 MB).
+   while training the CNN on 600 samples; bars: 200 MB waiting, and a peak
+   while training no higher than a bare torch loop's in the same run).
 
 Every child is started and stopped (by its own handle) here, and bounded in time.
 """
@@ -27,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +43,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+
+from fedge.bench.bench_devices import BenchDevice, enroll_devices
 
 INGEST_RATIO_BAR = 0.5
 IDLE_RSS_BAR_MB = 400
@@ -113,11 +122,14 @@ def _serve_coordinator(state: Path, devices: int, tasks: int, chunk: int) -> Non
         service = CoordinatorService(
             store, fleet, models, state / "uploads",
             settings=ServiceSettings(chunk_size=chunk, max_result_bytes=64 << 20),
+            mtls=True,
         )
         grid = GrpcGrid(store, fleet, run_id=run_id, default_timeout=600.0)
         server = grpc.aio.server()
         pb_grpc.add_CoordinatorServicer_to_server(service, server)
-        port = server.add_secure_port("127.0.0.1:0", server_credentials(ensure_server_tls(state)))
+        port = server.add_secure_port(
+            "127.0.0.1:0", server_credentials(ensure_server_tls(state), require_client_auth=True)
+        )
         await server.start()
         print(f"PORT {port}", flush=True)
         await asyncio.to_thread(grid.wait_for_nodes, devices, poll_s=0.05)
@@ -180,7 +192,9 @@ def _serve_echo(state: Path, chunk: int) -> None:
 
         server = grpc.aio.server()
         pb_grpc.add_CoordinatorServicer_to_server(Echo(), server)
-        port = server.add_secure_port("127.0.0.1:0", server_credentials(ensure_server_tls(state)))
+        port = server.add_secure_port(
+            "127.0.0.1:0", server_credentials(ensure_server_tls(state), require_client_auth=True)
+        )
         await server.start()
         print(f"PORT {port}", flush=True)
         await asyncio.to_thread(sys.stdin.read)
@@ -192,26 +206,28 @@ def _serve_echo(state: Path, chunk: int) -> None:
 # ------------------------------------------------------------------ devices (this process)
 
 
-async def _ingest(target: str, ca: bytes, devices: int, tasks: int, content: bytes,
-                  chunk: int) -> tuple[float, int]:
-    """All devices join, then pull+push `tasks` times each at once; (seconds, payload bytes)."""
+async def _ingest(target: str, ca: bytes, devices: list[BenchDevice], tasks: int,
+                  content: bytes, chunk: int) -> tuple[float, int]:
+    """All devices join (mutual TLS), then pull+push `tasks` signed results each at once;
+    (seconds, payload bytes)."""
     import grpc
 
     from fedge.common.chunking import iter_chunks, sha256_hex
     from fedge.common.contract import FLOWER_MESSAGE_FORMAT
+    from fedge.common.signing import sign_result
     from fedge.v1 import coordinator_pb2 as pb
     from fedge.v1 import coordinator_pb2_grpc as pb_grpc
 
-    creds = grpc.ssl_channel_credentials(root_certificates=ca)
-    channels = [grpc.aio.secure_channel(target, creds) for _ in range(devices)]
+    channels = [grpc.aio.secure_channel(target, d.credentials(ca)) for d in devices]
     stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
+    keys = [d.private_key() for d in devices]
     tokens = []
-    for i, stub in enumerate(stubs):
-        reply = await stub.Join(pb.JoinRequest(device_id=f"bench-{i:04d}", device_name="bench"))
+    for d, stub in zip(devices, stubs, strict=True):
+        reply = await stub.Join(pb.JoinRequest(device_id=d.device_id, device_name="bench"))
         tokens.append(reply.session_token)
     sent = 0
 
-    async def device(stub: Any, token: str) -> None:
+    async def device(stub: Any, token: str, key: Any) -> None:
         nonlocal sent
         for _ in range(tasks):
             header, parts = None, []
@@ -222,11 +238,15 @@ async def _ingest(target: str, ca: bytes, devices: int, tasks: int, content: byt
                     parts.append(c.data.data)
             assert header is not None, "no task within 30 s"
             payload = reply_payload(b"".join(parts), content)
+            digest = sha256_hex(payload)
+            signature = sign_result(key, run_id=header.run_id, round=header.round,
+                                    task_id=header.task_id, payload_sha256=digest)
 
-            async def stream(h=header, p=payload) -> AsyncIterator[pb.ResultChunk]:
+            async def stream(h=header, p=payload, sha=digest,
+                             sig=signature) -> AsyncIterator[pb.ResultChunk]:
                 yield pb.ResultChunk(header=pb.ResultHeader(
                     session_token=token, task_id=h.task_id, run_id=h.run_id, round=h.round,
-                    total_size=len(p), sha256=sha256_hex(p),
+                    total_size=len(p), sha256=sha, signature=sig,
                     payload_format=FLOWER_MESSAGE_FORMAT))
                 for off, view in iter_chunks(p, chunk):
                     yield pb.ResultChunk(data=pb.Chunk(offset=off, data=bytes(view)))
@@ -236,7 +256,7 @@ async def _ingest(target: str, ca: bytes, devices: int, tasks: int, content: byt
             sent += len(payload)
 
     started = time.perf_counter()
-    await asyncio.gather(*(device(s, t) for s, t in zip(stubs, tokens, strict=True)))
+    await asyncio.gather(*(device(s, t, k) for s, t, k in zip(stubs, tokens, keys, strict=True)))
     seconds = time.perf_counter() - started
     for c in channels:
         await c.close()
@@ -303,18 +323,22 @@ def measure_ingest(
         "update": "int8 FedAvgCNN delta (1,663,370 parameters)",
         "update_bytes": update_bytes,
         "chunk_size": chunk,
-        "transport": "TLS, one connection per device, 127.0.0.1",
+        "transport": "mutual TLS, one connection per device, signed results, 127.0.0.1",
         "repeats": repeats,
     }
     runs: dict[str, list[dict[str, float]]] = {"coordinator": [], "echo": []}
     with tempfile.TemporaryDirectory(prefix="fedge-transport-") as tmp:
-        tls = ensure_server_tls(tmp)  # one CA for both servers
+        enrolled = Path(tmp) / "enrolled"  # one CA and one registry for every server
+        fleet = enroll_devices(enrolled, devices)
+        tls = ensure_server_tls(enrolled)
         ca = tls.ca_cert.read_bytes()
         for attempt in range(repeats):
             for mode in ("coordinator", "echo"):
                 state = Path(tmp) / f"{mode}-{attempt}"
                 state.mkdir()
                 os.symlink(tls.ca_cert.parent, state / "tls")
+                for db in enrolled.glob("fedge.db*"):  # the devices' registry rows
+                    shutil.copy(db, state / db.name)
                 args = ["serve", mode, "--state", str(state), "--devices", str(devices),
                         "--tasks", str(tasks), "--chunk", str(chunk)]
                 proc, port = _spawn_server(args)
@@ -322,7 +346,7 @@ def measure_ingest(
                     server = psutil.Process(proc.pid)
                     cpu0 = sum(server.cpu_times()[:2])
                     seconds, sent = asyncio.run(
-                        _ingest(f"127.0.0.1:{port}", ca, devices, tasks, content, chunk)
+                        _ingest(f"127.0.0.1:{port}", ca, fleet, tasks, content, chunk)
                     )
                     cpu = sum(server.cpu_times()[:2]) - cpu0
                     if mode == "coordinator":
@@ -349,17 +373,18 @@ def measure_ingest(
 
 
 async def _idle_devices(
-    target: str, ca: bytes, count: int, settle_s: float, sample: Callable[[], int]
+    target: str, ca: bytes, devices: list[BenchDevice], settle_s: float,
+    sample: Callable[[], int],
 ) -> tuple[int, int]:
-    """`count` devices join on their own connections and long-poll; once all have joined and
+    """`devices` join on their own mTLS connections and long-poll; once all have joined and
     `settle_s` has passed, `sample()` is taken. Returns (devices joined, the sample)."""
     import grpc
 
     from fedge.v1 import coordinator_pb2 as pb
     from fedge.v1 import coordinator_pb2_grpc as pb_grpc
 
-    creds = grpc.ssl_channel_credentials(root_certificates=ca)
-    channels = [grpc.aio.secure_channel(target, creds) for _ in range(count)]
+    count = len(devices)
+    channels = [grpc.aio.secure_channel(target, d.credentials(ca)) for d in devices]
     handshakes = asyncio.Semaphore(50)  # TLS handshakes in waves, not 500 at once
     joined = 0
 
@@ -368,7 +393,7 @@ async def _idle_devices(
         stub = pb_grpc.CoordinatorStub(channel)
         async with handshakes:
             reply = await stub.Join(
-                pb.JoinRequest(device_id=f"idle-{i:04d}", device_name="idle"), timeout=120
+                pb.JoinRequest(device_id=devices[i].device_id, device_name="idle"), timeout=120
             )
         joined += 1
         while True:  # long-poll, as a waiting device does
@@ -402,6 +427,7 @@ def measure_idle(count: int = 500, settle_s: float = 5.0) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="fedge-idle-") as tmp:
         state = Path(tmp) / "state"
+        devices = enroll_devices(state, count)
         cmd = [sys.executable, "-c", "from fedge.cli import app; app()", "coordinator", "run",
                "--state", str(state), "--port", "0", "--min-devices", str(count + 1),
                "--heartbeat-interval", "30"]
@@ -415,7 +441,7 @@ def measure_idle(count: int = 500, settle_s: float = 5.0) -> dict[str, Any]:
             before = ps.memory_info().rss
             t0 = time.perf_counter()
             connected, after = asyncio.run(
-                _idle_devices(f"127.0.0.1:{port}", ca, count, settle_s,
+                _idle_devices(f"127.0.0.1:{port}", ca, devices, settle_s,
                               lambda: ps.memory_info().rss)
             )
             seconds = time.perf_counter() - t0
@@ -429,7 +455,7 @@ def measure_idle(count: int = 500, settle_s: float = 5.0) -> dict[str, Any]:
                 proc.wait(5)
     return {
         "devices": connected,
-        "transport": "TLS, one connection per device, long-polling, 127.0.0.1",
+        "transport": "mutual TLS, one connection per device, long-polling, 127.0.0.1",
         "coordinator_rss_mb_before": round(before / _MB, 1),
         "coordinator_rss_mb": round(after / _MB, 1),
         "coordinator_peak_rss_mb": hwm,
@@ -459,9 +485,13 @@ def _env() -> dict[str, str]:
 # ------------------------------------------------------------------ entry points
 
 
-def run(devices: int = 50, pushes: int = 8, idle: int = 500, edge: bool = True) -> dict[str, Any]:
+def run(devices: int = 50, pushes: int = 8, idle: int = 500, edge: bool = True,
+        repeats: int = 2, settle_s: float = 5.0) -> dict[str, Any]:
     """All three figures as one JSON-ready dict."""
-    result: dict[str, Any] = {"ingest": measure_ingest(devices, pushes), "idle": measure_idle(idle)}
+    result: dict[str, Any] = {
+        "ingest": measure_ingest(devices, pushes, repeats=repeats),
+        "idle": measure_idle(idle, settle_s=settle_s),
+    }
     if edge:
         from fedge.bench.edge_footprint import edge_footprint
 
@@ -471,9 +501,9 @@ def run(devices: int = 50, pushes: int = 8, idle: int = 500, edge: bool = True) 
 
 
 def main(json_output: bool = True, devices: int = 50, pushes: int = 8, idle: int = 500,
-         edge: bool = True) -> dict[str, Any]:
+         edge: bool = True, repeats: int = 2) -> dict[str, Any]:
     """Print one JSON object (indented unless `json_output`) and return it."""
-    result = run(devices, pushes, idle, edge)
+    result = run(devices, pushes, idle, edge, repeats)
     print(json.dumps(result, indent=None if json_output else 2))
     return result
 

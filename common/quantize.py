@@ -295,3 +295,58 @@ def dequantize(values: np.ndarray, n: int, scales: np.ndarray, block: int, bits:
     if bad:
         raise ValueError(f"int{bits} value outside [-{qmax}, {qmax}]")
     return out
+
+
+def dequantize_accumulate(
+    values: np.ndarray, n: int, scales: np.ndarray, block: int, bits: int,
+    acc: np.ndarray, weight: float,
+) -> None:
+    """`acc += weight * dequantize(values, ...)` without the model-sized float32 tensor.
+
+    The coordinator's running sum (server/streaming_mean.py) takes each update
+    this way: per cache-sized chunk the same float32 products as `dequantize`,
+    widened to `acc`'s dtype, times `weight`, added in place, so the sum is
+    bit for bit what decoding first and adding after gives, at one read of
+    the int8 values and one read-modify-write of `acc`. `acc` is 1-d of n
+    floats; values are assumed range-checked (`check_range`).
+    """
+    if n == 0:
+        return
+    kb = _kernel_block(n, block)
+    sc = _expand(scales, n, block)
+    chunk = _chunk_size(kb)
+    weight = float(weight)
+
+    def work(lo: int, hi: int) -> None:
+        size = min(chunk, hi - lo)
+        qtmp = np.empty(size, np.int8) if bits == 4 else None
+        f32 = np.empty(size, np.float32)
+        wide = np.empty(size, acc.dtype)
+        for c0 in range(lo, hi, chunk):
+            c1 = min(c0 + chunk, hi)
+            if qtmp is None:
+                qc = values[c0:c1]
+            else:
+                qc = qtmp[: c1 - c0]
+                unpack_int4(values[c0 // 2 : (c1 + 1) // 2], c1 - c0, qc)
+            for sl, b0, rows in _row_views(n, kb, c0, c1):
+                a, b = sl.start - c0, sl.stop - c0
+                qv = qc[a:b].reshape(rows, -1)
+                np.multiply(qv, sc[b0 : b0 + rows, None], out=f32[a:b].reshape(rows, -1))
+            np.multiply(f32[: c1 - c0], weight, out=wide[: c1 - c0], dtype=acc.dtype)
+            acc[c0:c1] += wide[: c1 - c0]
+
+    # one thread: the sum's memory traffic bounds it (a second thread measured no faster
+    # here), and the coordinator's other core serves the devices meanwhile
+    _run_chunks(n, chunk, work, parallel=False)
+
+
+def check_range(values: np.ndarray, bits: int) -> None:
+    """Raise ValueError if an int8 value is -128 (outside the symmetric range).
+
+    For int8 only: packed int4 is checked as `dequantize` unpacks it.
+    """
+    if bits != 8:
+        raise ValueError("check_range reads int8 values only")
+    if values.size and int(values.min()) < -QMAX[8]:
+        raise ValueError(f"int8 value outside [-{QMAX[8]}, {QMAX[8]}]")

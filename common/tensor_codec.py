@@ -335,9 +335,54 @@ def _decode_dense(
     return arr, n
 
 
+class QuantizedArray:
+    """A dense int8 tensor left quantized (`scale[block] * q`), decoded only when asked.
+
+    Decoding a 5 M-parameter update to float32 writes 20 MB that the
+    coordinator's running sum reads once and drops: `accumulate_into` folds
+    the int8 values straight into the sum instead (the same float32 products).
+    Everything else sees a float array: `np.asarray(q)` (and any numpy
+    operation) decodes it. Made only after every check `_decode_quantized`
+    applies, so a `QuantizedArray` always decodes to finite values.
+    """
+
+    __slots__ = ("block", "dtype", "scales", "shape", "values")
+
+    def __init__(
+        self, values: np.ndarray, scales: np.ndarray, block: int, shape: tuple[int, ...]
+    ) -> None:
+        self.values = values
+        self.scales = scales
+        self.block = block
+        self.shape = shape
+        self.dtype = np.dtype(np.float32)
+
+    @property
+    def size(self) -> int:
+        return int(self.values.size)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        out = qz.dequantize(self.values, self.size, self.scales, self.block, 8).reshape(self.shape)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def accumulate_into(self, acc: np.ndarray, weight: float) -> None:
+        """`acc += weight * decoded` (acc: a float array of the same size, flattened in C order)."""
+        flat = acc.reshape(-1)
+        if flat.size != self.size:
+            raise ValueError(f"accumulator of {flat.size} elements for {self.size}")
+        qz.dequantize_accumulate(self.values, self.size, self.scales, self.block, 8, flat, weight)
+
+
 def _decode_quantized(
-    msg: tensor_pb2.QuantizedTensor, expected: Expected | None, budget: int | None
-) -> tuple[np.ndarray, int]:
+    msg: tensor_pb2.QuantizedTensor,
+    expected: Expected | None,
+    budget: int | None,
+    lazy: bool = False,
+) -> tuple[np.ndarray | QuantizedArray, int]:
     name = msg.name
     if msg.bits not in qz.QMAX:
         raise UpdateRejected("bad_bits", f"{name!r}: bits={msg.bits}, expected 4 or 8")
@@ -369,7 +414,6 @@ def _decode_quantized(
             "bad_scales",
             f"{name!r}: {len(scale_bytes)} scale bytes for {nb} blocks of {scale_np}",
         )
-    positions = decode_positions(msg.indices.delta_varint, m, n) if sparse else None
     scales = np.frombuffer(scale_bytes, scale_np).astype(np.float32)
     if nb:
         if not np.isfinite(scales).all():
@@ -385,6 +429,12 @@ def _decode_quantized(
     if msg.codebook:
         decoded = cb.decode(q, m, scales, _checked_codebook(msg, scales, out_dtype), block)
     else:
+        if lazy and bits == 8 and positions is None and out_dtype == np.float32:
+            try:
+                qz.check_range(q, bits)
+            except ValueError as e:
+                raise UpdateRejected("bad_values", f"{name!r}: {e}") from None
+            return QuantizedArray(q, scales, block, shape), n
         try:
             decoded = qz.dequantize(q, m, scales, block, bits)
         except ValueError as e:
@@ -426,16 +476,23 @@ def _checked_codebook(
 
 
 def decode_tensor(
-    msg: tensor_pb2.EncodedTensor, expected: Expected | None = None, budget: int | None = None
-) -> tuple[str, np.ndarray, int]:
-    """(name, array, element count) of one wire tensor; `budget` caps the element count."""
+    msg: tensor_pb2.EncodedTensor,
+    expected: Expected | None = None,
+    budget: int | None = None,
+    lazy: bool = False,
+) -> tuple[str, np.ndarray | QuantizedArray, int]:
+    """(name, array, element count) of one wire tensor; `budget` caps the element count.
+
+    `lazy`: a dense int8 tensor restoring to float32 comes back as a checked
+    `QuantizedArray` (decoded when used) instead of a float32 array.
+    """
     kind = msg.WhichOneof("kind")
     if kind == "dense":
         arr, n = _decode_dense(msg.dense, expected, budget)
         return msg.dense.name, arr, n
     if kind == "quantized":
-        arr, n = _decode_quantized(msg.quantized, expected, budget)
-        return msg.quantized.name, arr, n
+        q, n = _decode_quantized(msg.quantized, expected, budget, lazy)
+        return msg.quantized.name, q, n
     raise UpdateRejected("malformed", "tensor is neither dense nor quantized")
 
 

@@ -23,6 +23,7 @@ from fedge.common.codec_spec import CodecSpec, as_spec, parse_codec
 from fedge.common.errors import CodecSpecError, UpdateRejected
 from fedge.common.tensor_codec import (
     Expected,
+    QuantizedArray,
     decode_tensor,
     fill_encoded,
     is_sparsified,
@@ -45,7 +46,8 @@ ExpectedMap = Mapping[str, Expected]
 class DecodedUpdate:
     """A validated update: arrays in wire order plus its metadata."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray | QuantizedArray]
+    """numpy arrays; with `lazy=True` decoding, int8 tensors as `QuantizedArray`s."""
     run_id: str = ""
     round: int = 0
     base_version: str = ""
@@ -157,14 +159,15 @@ def decode_tensors(
     tensors: Iterable[tensor_pb2.EncodedTensor],
     expected: ExpectedMap | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
-) -> dict[str, np.ndarray]:
+    lazy: bool = False,
+) -> dict[str, np.ndarray | QuantizedArray]:
     """Validate and decode wire tensors, keeping their order.
 
     With `expected`, names must match exactly and each shape/dtype must agree
     (a float16 dense tensor widens to an expected float32/float64). Without it,
     the total element count is capped by `max_elements`.
     """
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray | QuantizedArray] = {}
     budget = None if expected is not None else max_elements
     if isinstance(tensors, list | tuple):
         note_payload(sum(t.ByteSize() for t in tensors))
@@ -179,7 +182,7 @@ def decode_tensors(
             if name not in expected:
                 raise UpdateRejected("unexpected_tensor", f"{name!r} is not in the model")
             want = expected[name]
-        _, array, n = decode_tensor(msg, want, budget)
+        _, array, n = decode_tensor(msg, want, budget, lazy)
         if budget is not None:
             budget -= n
         out[name] = array
@@ -214,10 +217,15 @@ def decode_update(
     expected: ExpectedMap | None = None,
     max_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    lazy: bool = False,
 ) -> DecodedUpdate:
-    """Parse and validate an update; raises only `UpdateRejected` for bad input."""
+    """Parse and validate an update; raises only `UpdateRejected` for bad input.
+
+    `lazy=True` leaves dense int8 tensors quantized (`QuantizedArray`, fully
+    checked, decoded on use): what the coordinator's running sum folds in.
+    """
     try:
-        return _decode_update(data, expected, max_bytes, max_elements)
+        return _decode_update(data, expected, max_bytes, max_elements, lazy)
     except UpdateRejected:
         raise
     except (ValueError, IndexError, TypeError, OverflowError, MemoryError) as e:
@@ -230,6 +238,7 @@ def _decode_update(
     expected: ExpectedMap | None,
     max_bytes: int,
     max_elements: int,
+    lazy: bool = False,
 ) -> DecodedUpdate:
     update = _parse(data, max_bytes)
     try:
@@ -240,7 +249,7 @@ def _decode_update(
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise UpdateRejected("non_finite", f"metrics {bad[:5]} are NaN or Inf")
-    arrays = decode_tensors(update.tensors, expected, max_elements)
+    arrays = decode_tensors(update.tensors, expected, max_elements, lazy)
     return DecodedUpdate(
         arrays=arrays,
         run_id=update.run_id,

@@ -144,11 +144,45 @@ def bench_transport(
     pushes: int = typer.Option(8, min=1, help="Updates each device pushes."),
     idle: int = typer.Option(500, min=1, help="Idle devices for the coordinator's RSS."),
     edge: bool = typer.Option(True, "--edge/--no-edge", help="Also measure the edge runtime."),
+    repeats: int = typer.Option(2, min=1, help="Ingest runs per server; the best is kept."),
 ) -> None:
     """Coordinator ingest vs a bare gRPC echo, coordinator RSS with idle devices, edge RSS."""
     from fedge.bench.transport_bench import main
 
-    main(json_output=json_output, devices=devices, pushes=pushes, idle=idle, edge=edge)
+    main(json_output=json_output, devices=devices, pushes=pushes, idle=idle, edge=edge,
+         repeats=repeats)
+
+
+@bench_app.command("fleet")
+def bench_fleet(
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object and nothing else."
+    ),
+    idle_sizes: str = typer.Option(
+        "1000,5000,10000", "--idle-sizes", help="Idle fleet sizes, growing, comma-separated."
+    ),
+    round_devices: int = typer.Option(1000, "--round-devices", min=0,
+                                      help="Devices in the one-round figure (0: skip)."),
+    storm_devices: int = typer.Option(1000, "--storm-devices", min=0,
+                                      help="Devices in the kill -9 storm (0: skip)."),
+    per_worker: int = typer.Option(500, "--per-worker", min=1,
+                                   help="Devices per client process."),
+    settle: float = typer.Option(5.0, min=0.0, help="Seconds idle before measuring."),
+    window: float = typer.Option(5.0, min=0.1, help="Seconds the idle CPU is measured over."),
+) -> None:
+    """One coordinator process and a fleet of light mTLS devices: idle, one round, a storm."""
+    from fedge.bench.fleet_bench import main
+
+    try:
+        sizes = sorted({int(x) for x in idle_sizes.split(",") if x.strip()})
+    except ValueError:
+        raise typer.BadParameter(
+            "expected integers, e.g. 1000,5000,10000", param_hint="--idle-sizes"
+        ) from None
+    if not sizes or sizes[0] < 1:
+        raise typer.BadParameter("sizes must be positive integers", param_hint="--idle-sizes")
+    main(json_output=json_output, idle_sizes=sizes, round_devices=round_devices,
+         storm_devices=storm_devices, per_worker=per_worker, settle_s=settle, window_s=window)
 
 
 @bench_app.command("inference")

@@ -10,18 +10,35 @@ The sum is kept relative to the global model the round started from
 (`sum_i w_i * (x_i - g)`): compressed replies arrive as deltas anyway, plain
 replies (full weights from stock clients) are turned into deltas one tensor at
 a time, and `g + sum / W` loses less precision than averaging full weights.
+
+An int8 delta that arrives still quantized (`QuantizedArray`, from
+`decode_update(..., lazy=True)`) is folded in straight from its int8 values:
+the float32 tensor it decodes to is never built. It goes into a float32
+staging sum that is added to the float64 sum every `STAGE_REPLIES` (16) replies:
+the running sum is the coordinator's main memory traffic per reply, and a
+float32 one halves it. Sixteen int8 updates (8 significant bits each) summed
+in float32 (24) lose nothing they carry; the float64 sum still takes
+thousands of replies without drift.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeAlias
 
 import numpy as np
+
+from fedge.common.tensor_codec import QuantizedArray
+
+#: What an update's tensor may be: an array, or an int8 tensor not yet decoded.
+Tensor: TypeAlias = np.ndarray | QuantizedArray
 
 #: Elements per step when folding an update in: float64 temporaries stay at 512 KiB instead
 #: of 2x the largest tensor (a 4 M-float fc layer would otherwise need a 32 MB scratch copy
 #: per reply, and the final mean three of them).
 CHUNK = 1 << 16
+#: Quantized replies summed in the float32 staging sum before it is added to the float64 sum.
+STAGE_REPLIES = 16
 
 
 class StreamingMean:
@@ -38,6 +55,8 @@ class StreamingMean:
         self.base = base
         self.dtype = np.dtype(dtype)
         self._sum: dict[str, np.ndarray] | None = None
+        self._stage: dict[str, np.ndarray] = {}  # float32 staging sums of quantized tensors
+        self._staged = 0  # replies in the staging sums
         self._scratch = np.empty(CHUNK, dtype=self.dtype)
         self.total_weight = 0.0
         self.count = 0
@@ -47,7 +66,7 @@ class StreamingMean:
             self._sum = {k: np.zeros(v.shape, dtype=self.dtype) for k, v in self.base.items()}
         return self._sum
 
-    def _check(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
+    def _check(self, arrays: Mapping[str, Tensor], weight: float) -> None:
         if not np.isfinite(weight) or weight <= 0:
             raise ValueError(f"weight must be finite and > 0, got {weight}")
         if arrays.keys() != self.base.keys():
@@ -57,10 +76,15 @@ class StreamingMean:
             if np.shape(a) != acc[name].shape:
                 raise ValueError(f"{name}: shape {np.shape(a)} != {acc[name].shape}")
 
-    def _fold(self, name: str, x: np.ndarray, weight: float, full: bool) -> None:
+    def _fold(self, name: str, x: Tensor, weight: float, full: bool) -> None:
         """`sum[name] += weight * (x - base)` (or `weight * x` for a delta), chunk by chunk."""
         acc = self._accumulators()[name].reshape(-1)
-        xf = np.ravel(x)
+        if isinstance(x, QuantizedArray):
+            if not full:
+                x.accumulate_into(self._staging(name, acc), weight)
+                return
+            x = np.asarray(x)
+        xf: np.ndarray = np.ravel(x)
         bf = np.ravel(self.base[name]) if full else None
         for lo in range(0, acc.size, CHUNK):
             hi = min(lo + CHUNK, acc.size)
@@ -72,15 +96,38 @@ class StreamingMean:
                 tmp *= weight
             acc[lo:hi] += tmp
 
-    def add_delta(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+    def _staging(self, name: str, acc: np.ndarray) -> np.ndarray:
+        """The float32 staging sum of tensor `name` (the float64 sum itself if it is float32)."""
+        if self.dtype.itemsize <= 4:
+            return acc
+        stage = self._stage.get(name)
+        if stage is None:
+            stage = self._stage[name] = np.zeros(acc.size, np.float32)
+        return stage
+
+    def _flush(self) -> None:
+        """Add the staging sums to the running sum and empty them."""
+        if self._sum is not None:
+            for name, stage in self._stage.items():
+                acc = self._sum[name].reshape(-1)
+                for lo in range(0, acc.size, CHUNK):
+                    acc[lo : lo + CHUNK] += stage[lo : lo + CHUNK]
+                stage.fill(0)
+        self._staged = 0
+
+    def add_delta(self, delta: Mapping[str, Tensor], weight: float) -> None:
         """Fold in an update given as `x - base` with weight `weight`."""
         self._check(delta, weight)
         for name, d in delta.items():
             self._fold(name, d, float(weight), full=False)
         self.total_weight += float(weight)
         self.count += 1
+        if self._stage:
+            self._staged += 1
+            if self._staged >= STAGE_REPLIES:
+                self._flush()
 
-    def add_full(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
+    def add_full(self, arrays: Mapping[str, Tensor], weight: float) -> None:
         """Fold in an update given as full weights `x` with weight `weight`."""
         self._check(arrays, weight)
         for name, x in arrays.items():
@@ -96,6 +143,7 @@ class StreamingMean:
         """
         if self._sum is None or self.total_weight <= 0:
             return None
+        self._flush()
         out: dict[str, np.ndarray] = {}
         for name, base in self.base.items():
             base_arr = np.asarray(base)

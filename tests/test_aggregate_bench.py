@@ -46,8 +46,15 @@ def _check_report(report: dict, held: bool) -> None:
         for row in rows:
             assert row.keys() >= PER_RUN_KEYS
             assert row["baseline_mb"] > 0 and row["seconds"] >= 0
+            assert row["seconds"] == min(row["seconds_runs"])
+        # the time check's count is timed TIMING_REPEATS times, the others once
+        assert len(report["results"][path]["3"]["seconds_runs"]) == ab.TIMING_REPEATS
+        assert len(report["results"][path]["2"]["seconds_runs"]) == 1
     checks = report["checks"]
-    assert set(checks) == {"wrapper_growth_model_sizes", "wrapper_vs_stock_at_3"}
+    assert set(checks) == {
+        "wrapper_growth_model_sizes", "wrapper_vs_stock_at_3", "wrapper_time_vs_stock_at_3"
+    }
+    assert report["wrapper_time_vs_stock_at_3"] == checks["wrapper_time_vs_stock_at_3"]["value"]
     for c in checks.values():
         assert isinstance(c["pass"], bool) and {"value", "bar"} <= c.keys()
     w = report["results"]["wrapper"]
