@@ -137,6 +137,28 @@ def edge_footprint(
     return result
 
 
+def edge_idle_rss(*, idle_s: float = 3.0, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Only the waiting figure: a device joined and long-polling, no task sent."""
+    with tempfile.TemporaryDirectory(prefix="fedge-edge-bench-") as tmp, _FakeInThread() as coord:
+        data_dir = Path(tmp) / "device-data"
+        proc, log = _spawn(coord.address, data_dir, [])
+        try:
+            device_id = coord.wait_join(proc, log, timeout_s)
+            waiting = _sample(proc.pid, idle_s)
+            return {
+                "coordinator": COORDINATOR_NOTE,
+                "device_id": device_id,
+                "waiting_rss_mb": waiting["last"],
+                "waiting_max_rss_mb": waiting["max"],
+                "waiting_seconds": idle_s,
+                "loaded": "grpc, protobuf, fedge.v1 (no torch, no Flower)",
+                "limit_mb": IDLE_LIMIT_MB,
+                "ok": waiting["max"] <= IDLE_LIMIT_MB,
+            }
+        finally:
+            _stop(proc)
+
+
 def bare_torch_peak_rss_mb(*, samples: int = SAMPLES, timeout_s: float = 120.0) -> float:
     """Peak RSS of a child doing only the CNN training loop (torch.optim.SGD, batch 32)."""
     code = (

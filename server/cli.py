@@ -141,10 +141,10 @@ def run_command(
         try:  # a refused or failed start stores no run
             coordinator = await Coordinator.start(options, out=say)
         except StartRefused as e:
-            say(f"error: {e}")
+            typer.echo(f"Error: {e}", err=True)
             return 2
         except Exception as e:
-            say(f"error: cannot start the coordinator: {type(e).__name__}: {e}")
+            typer.echo(f"Error: cannot start the coordinator: {type(e).__name__}: {e}", err=True)
             return 2
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, coordinator.request_stop)

@@ -83,7 +83,7 @@ def test_a_failed_bind_stores_nothing_and_the_corrected_rerun_is_what_it_asks(
     finally:
         holder.close()
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port} (--port)"), lines
+    assert lines[0].startswith(f"Error: cannot listen on 127.0.0.1:{port} (--port)"), lines
     assert "--port" in lines[0] and "0 picks a free one" in lines[0]
     assert not state.exists() or not any(state.rglob("*"))  # no run row, no file at all
     run = _serve_until_waiting(state, tmp_path, "rerun.log", "--codec", "int4", "--rounds", "3")
@@ -107,7 +107,7 @@ def test_differing_flags_are_refused_the_same_command_resumes_new_run_starts_ane
                            "--run-config", "lr=0.1"))
     assert len(lines) == 1, lines
     line = lines[0]
-    assert line.startswith(f"error: run {old.id} in {state} was started with "), line
+    assert line.startswith(f"Error: run {old.id} in {state} was started with "), line
     assert "codec int4" in line and "codec int8" in line
     assert "lr 0.05" in line and "lr 0.1" in line
     assert "num-rounds" not in line  # the same value is no difference
