@@ -228,7 +228,7 @@ def test_fixed_lists_are_choices_in_help_and_completion() -> None:
         (("simulate",), "--partition", PARTITIONERS),
         (("simulate",), "--dataset", ("digits", "fashion-mnist")),
         (("coordinator", "run"), "--strategy", STRATEGIES),
-        (("export",), "--format", ("fp32", "fp16", "int8", "int4")),
+        (("export",), "--format", ("fp32", "fp16", "int8", "int4", "onnx", "onnx-int8")),
     ):
         command = _command(*path)
         option = _option(command, flag)
