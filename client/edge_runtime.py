@@ -49,6 +49,7 @@ from fedge.client.edge_session import (
 from fedge.client.uploader import Uploader
 from fedge.common.alloc import release_memory
 from fedge.common.chunking import DEFAULT_CHUNK_SIZE, check_chunk_size
+from fedge.common.codec_spec import VALUE_CODECS
 from fedge.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:  # at run time it is imported with the first task (Flower, torch)
@@ -56,7 +57,9 @@ if TYPE_CHECKING:  # at run time it is imported with the first task (Flower, tor
 
 log = logging.getLogger(__name__)
 
-FEDGE_CODECS = ("none", "fp16", "int8", "int4", "topk")
+#: what fedge on this device can encode (Join's `codecs`): a property of the runtime, not of
+#: the app's name; whether a reply was compressed is read from the reply itself
+DEVICE_CODECS = (*VALUE_CODECS, "topk")
 EXIT_OK, EXIT_REVOKED = 0, 3
 
 
@@ -361,9 +364,7 @@ class EdgeDevice:
                      session.heartbeat_interval_s)
 
     def _device_info(self) -> DeviceInfo:
-        fedge_app = self.client_app_ref == DEFAULT_APP_REF
-        return DeviceInfo(name=self.name or self._wired.identity.name,
-                          codecs=FEDGE_CODECS if fedge_app else ())
+        return DeviceInfo(name=self.name or self._wired.identity.name, codecs=DEVICE_CODECS)
 
     async def _heartbeat_loop(self) -> None:
         while True:
