@@ -207,6 +207,7 @@ def simulate(
                 runner(options.run_config(codec), options.clients, [on_round])
             if first_error():
                 report.extra["first_client_error"] = first_error()
+            report.extra["uplink_codec"] = uplink_codec(report.rounds)
             reports.append(report)
     meta = {
         "task": options.task,
@@ -227,17 +228,30 @@ def simulate(
     return path
 
 
+def uplink_codec(rounds: Sequence[dict[str, Any]]) -> str:
+    """What a run's replies carried, from the rounds' wire labels ("" if none arrived)."""
+    seen = {part for r in rounds for part in str(r.get("codec") or "").split(" | ") if part}
+    return " | ".join(sorted(seen))
+
+
 def summary_rows(report: dict[str, Any]) -> Sequence[tuple[str, str, str, str]]:
-    """Final accuracy and uplink per round of each run, for the closing table."""
+    """Final accuracy and uplink per round of each run, for the closing table.
+
+    A run whose replies arrived in another format than the one asked for says so:
+    `int8 (sent: none)`."""
     rows = []
     for run in report["runs"]:
         rounds = run["rounds"]
+        label = run["codec"]
+        sent = run.get("uplink_codec")
+        if sent and sent != label:
+            label = f"{label} (sent: {sent})"
         if not rounds:
-            rows.append((run["codec"], "-", "-", "-"))
+            rows.append((label, "-", "-", "-"))
             continue
         last = rounds[-1]
         mean_up = sum(r["uplink_bytes"] for r in rounds) / len(rounds)
         acc = "-" if last["accuracy"] is None else f"{last['accuracy']:.4f}"
-        rows.append((run["codec"], acc, f"{mean_up / 1e6:.3f}",
+        rows.append((label, acc, f"{mean_up / 1e6:.3f}",
                      str(sum(r["rejected"] for r in rounds))))
     return rows
