@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from importlib.metadata import entry_points
@@ -125,3 +127,35 @@ def local_superlink(tmp: Path, env: dict[str, str], name: str = "fedge-test") ->
         yield name
     finally:
         stop_tree(proc)
+
+
+@contextlib.contextmanager
+def ray_head(tmp: Path, env: dict[str, str]) -> Iterator[tuple[str, Path]]:
+    """A Ray head on 127.0.0.1 (2 CPUs, no dashboard, its own temp dir), as a child process;
+    yields its address and temp dir, and ends it by process id (never `ray stop`)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="fr", dir="/tmp"))  # Ray's socket paths are short
+    port = free_port()
+    log = tmp / "ray-head.log"
+    try:
+        with log.open("wb") as out:
+            head = subprocess.Popen(
+                [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                 "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+                 "--include-dashboard", "false", "--temp-dir", str(temp_dir),
+                 "--disable-usage-stats"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        try:
+            wait_for(lambda: b"Ray runtime started" in log.read_bytes(), head, "ray head", log)
+            yield f"127.0.0.1:{port}", temp_dir
+            assert head.poll() is None, "the Ray head ended before the test did"
+        finally:
+            stop_tree(head)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def actor_logs(temp_dir: Path) -> set[Path]:
+    """Worker logs of a Ray head's session that ran Flower's ClientApp actors."""
+    logs = {p.resolve() for p in temp_dir.glob("session_*/logs/worker-*.out")}  # + _latest
+    return {p for p in logs if "ClientAppActor" in p.read_text(errors="replace")}
