@@ -24,7 +24,6 @@ from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 
-from fedge.client.app_ref import DEFAULT_APP_REF
 from fedge.client.device_state import DeviceFolder, OutboxEntry
 from fedge.client.edge_session import DeliveredTask
 from fedge.common.alloc import release_memory
@@ -49,16 +48,14 @@ class TaskUnusable(Exception):
 
 
 def load_client_app(ref: str) -> ClientCallable:
-    """The ClientApp named `module:attr`; fedge's default comes with the compression mod.
+    """The ClientApp named `module:attr`, run as it is defined.
 
-    A user's app (a stock Flower `ClientApp` or any `(Message, Context) -> Message`
-    callable) runs as is. The working directory is importable, as with `python -m`.
+    fedge's own app (`fedge.client.client_app:app`) carries its compression mod
+    itself; a user's app (a stock Flower `ClientApp` or any
+    `(Message, Context) -> Message` callable) compresses when it adds the mod
+    (`from fedge.flower import compression_mod`). The working directory is
+    importable, as with `python -m`.
     """
-    if ref == DEFAULT_APP_REF:
-        from fedge.client.client_app import make_client_app
-        from fedge.client.compression_mod import compression_mod
-
-        return make_client_app(mods=[compression_mod])
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise ValueError(f"app reference {ref!r} is not module:attr")

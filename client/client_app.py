@@ -1,9 +1,13 @@
 """fedge's Flower ClientApp: local training and evaluation on a device's own data.
 
-The same app runs in Flower's simulation engine, on Flower's deployment engine
-and in fedge's edge runtime (`app(message, context)`). It replies with full
-local weights; the compression mod, when installed with
-`make_client_app(mods=[...])`, turns them into an encoded delta on the way out.
+There is one fedge ClientApp, `app`, and it compresses wherever it runs:
+Flower's simulation engine (`fedge simulate`, `flwr run .`), Flower's
+deployment engine and fedge's edge runtime (`app(message, context)`). Its
+handlers reply with full local weights; the compression mod it carries turns
+them into an encoded delta on the way out when the server asks for a codec
+(and lets them through as they are when it does not, as a stock client would).
+`make_client_app(mods)` builds the same handlers behind other mods (tests, the
+simulation's run-config mod); `FEDGE_MODS` are the mods `app` carries.
 
 What it reads (see docs/CONTRACTS.md):
 - message ConfigRecord "config": `lr`, `local-epochs`, `batch-size`,
@@ -26,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedge.client.compression_mod import compression_mod
 from fedge.client.flower_compat import Mod
 from fedge.common.arrays import arrays_to_record, model_to_arrays, record_to_model
 from fedge.common.task import DEFAULT_TASK, ClientData, Task, resolve_task
@@ -160,4 +165,8 @@ def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
     return client_app
 
 
-app = make_client_app()
+#: what fedge's own ClientApp carries: compression (which rebuilds a compressed downlink first)
+FEDGE_MODS: tuple[Mod, ...] = (compression_mod,)
+
+#: fedge's ClientApp, as `flwr run .`, `fedge simulate` and `fedge client run` load it
+app = make_client_app(mods=FEDGE_MODS)

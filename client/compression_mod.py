@@ -26,6 +26,7 @@ query messages always pass through.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections.abc import Mapping
@@ -233,7 +234,40 @@ def make_compression_mod(
         reply.content[array_key] = ArrayRecord({UPDATE_KEY: packed})
         return reply
 
-    return with_downlink(compression_mod)  # rebuilds downlink deltas first (downlink_cache)
+    # rebuilds downlink deltas first (downlink_cache); compresses once however often installed
+    return _once(with_downlink(compression_mod))
+
+
+#: set while a compression mod handles a message (this thread / context only); read only
+#: through the module-level functions below, so a mod pickled for Ray refers to it by name
+_COMPRESSING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fedge_compressing", default=False
+)
+
+
+def _run_once(
+    mod: Mod, message: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    if _COMPRESSING.get():
+        return call_next(message, context)
+    token = _COMPRESSING.set(True)
+    try:
+        return mod(message, context, call_next)
+    finally:
+        _COMPRESSING.reset(token)
+
+
+def _once(mod: Mod) -> Mod:
+    """`mod`, or a pass-through when a compression mod already handles this message.
+
+    fedge's ClientApp carries the mod; an app that adds another around it (or calls
+    it from its own handler) must still send one encoded delta, not re-encode one.
+    """
+
+    def once(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        return _run_once(mod, message, context, call_next)
+
+    return once
 
 
 #: The mod with no default codec: it compresses only when the server asks (`fedge.codec`).

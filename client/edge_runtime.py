@@ -58,8 +58,9 @@ if TYPE_CHECKING:  # at run time it is imported with the first task (Flower, tor
 
 log = logging.getLogger(__name__)
 
-FEDGE_CODECS = (*VALUE_CODECS, "topk")
-"""The codec names the device advertises when it runs fedge's own app."""
+#: what fedge on this device can encode (Join's `codecs`): a property of the runtime, not of
+#: the app's name; whether a reply was compressed is read from the reply itself
+DEVICE_CODECS = (*VALUE_CODECS, "topk")
 EXIT_OK, EXIT_REVOKED = 0, 3
 
 
@@ -364,9 +365,7 @@ class EdgeDevice:
                      session.heartbeat_interval_s)
 
     def _device_info(self) -> DeviceInfo:
-        fedge_app = self.client_app_ref == DEFAULT_APP_REF
-        return DeviceInfo(name=self.name or self._wired.identity.name,
-                          codecs=FEDGE_CODECS if fedge_app else ())
+        return DeviceInfo(name=self.name or self._wired.identity.name, codecs=DEVICE_CODECS)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -71,10 +71,19 @@ class RoundTraffic:
     rejected_reasons: Counter[str] = field(default_factory=Counter)
     train_metrics: dict[str, float] = field(default_factory=dict)
     started_at: float = field(default_factory=time.perf_counter)
+    # accepted replies by the format they arrived in: the codec a ModelUpdate names, or
+    # "none" for plain arrays -- what crossed the wire, whatever `codec` asked for
+    wire_codecs: Counter[str] = field(default_factory=Counter)
 
     @property
     def rejected(self) -> int:
         return sum(self.rejected_reasons.values())
+
+    @property
+    def wire_codec(self) -> str:
+        """The round's label from what arrived: one codec, or several joined by " | "
+        (a mixed fleet); "" when no reply was accepted."""
+        return " | ".join(sorted(self.wire_codecs))
 
 
 def uses_fedavg_mean(strategy: Strategy) -> bool:
@@ -249,6 +258,7 @@ class CompressedStrategy(Strategy):
                 continue
             stats.accepted += 1
             stats.accepted_nodes.append(int(msg.metadata.src_node_id))
+            stats.wire_codecs[decoded.codec if decoded.compressed else "none"] += 1
             yield msg, decoded
             # Drop this reply before the loop pulls the next one: otherwise the generator frame
             # keeps it (and its decoded arrays) alive while the next reply arrives and decodes.

@@ -18,18 +18,23 @@ Server-only internals, and where they live in flwr 1.42:
 - `flwr.common.constant.SUPERLINK_NODE_ID`.
 - `flwr.common.config.parse_config_args`: Flower's own `--run-config`
   parser (`'k1=v1 k2=v2'` with TOML values, or a TOML file).
+- `flwr.simulation.run_simulation._run_simulation`: the simulation engine
+  `flwr run`'s `flwr-simulation` process calls (`simulation/app.py`), without
+  the deprecated `run_simulation` wrapper; `run_simulation_engine` below
+  (used by `fedge simulate`, simulations/engine.py).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from flwr.common.config import parse_config_args
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["SERVER_NODE_ID", "Run", "make_run", "set_task_identity"]
+__all__ = ["SERVER_NODE_ID", "Run", "make_run", "run_simulation_engine", "set_task_identity"]
 
 #: The node id Flower gives the server side (the SuperLink) in every runtime.
 SERVER_NODE_ID: int = SUPERLINK_NODE_ID
@@ -54,3 +59,20 @@ def make_run(run_id: int, run_config: dict | None = None) -> Run:
 RUN_CONFIG_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 __all__ += ["RUN_CONFIG_PAIR", "parse_config_args"]
+
+
+def run_simulation_engine(
+    server_app: Any, client_app: Any, num_supernodes: int, backend_config: dict[str, Any]
+) -> None:
+    """Flower's simulation engine on Ray, called as `flwr run`'s simulation process calls it."""
+    from flwr.simulation.run_simulation import _run_simulation  # Ray: only when simulating
+    from flwr.supercore.telemetry import EventType
+
+    _run_simulation(
+        num_supernodes=num_supernodes,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config,
+    )

@@ -2,9 +2,12 @@
 
 A reply is either compressed (its one ArrayRecord holds a single uint8 array
 `fedge.update`: a serialized fedge `ModelUpdate`, see docs/CONTRACTS.md) or
-plain (full weights from a stock Flower ClientApp). Either way the result must
-match the global model tensor for tensor (names, shapes, dtype kind) and be
-finite, and the weight (`num-examples`) must be a positive number; otherwise
+plain (full weights from a stock Flower ClientApp). Plain arrays keyed by
+position (`"0"`..`"n-1"`, what Flower's `ArrayRecord(list_of_arrays)` builds,
+as in its quickstart-numpy) stand for the global model's tensors in order,
+which is how stock FedAvg, averaging key by key, treats them. Either way the
+result must match the global model tensor for tensor (names, shapes, dtype
+kind) and be finite, and the weight (`num-examples`) must be a positive number; otherwise
 `UpdateRejected(reason, detail)` is raised so the round can drop the reply,
 count why, and carry on with the rest.
 """
@@ -124,6 +127,32 @@ def check_arrays(arrays: Mapping[str, np.ndarray | QuantizedArray], layout: Layo
         _check_tensor(name, a, layout)
 
 
+def by_position(arrays: Mapping[str, np.ndarray], layout: Layout) -> dict[str, np.ndarray]:
+    """`arrays` keyed by the model's names: positional keys (`"0"`..`"n-1"`) become the
+    names of the model's tensors in order; any other keys are returned as they are.
+
+    A positional reply with the wrong number of arrays, or an array whose shape is
+    not that of the model's tensor at its position, is refused with that reason.
+    """
+    keys = list(arrays)
+    names = list(layout)
+    if keys == names or not keys or set(keys) != {str(i) for i in range(len(keys))}:
+        return dict(arrays)
+    if len(keys) != len(names):
+        reason = "missing_tensor" if len(keys) < len(names) else "unexpected_tensor"
+        raise UpdateRejected(reason, f"{len(keys)} arrays keyed by position for a model of "
+                             f"{len(names)} tensors ({', '.join(names[:5])})")
+    named: dict[str, np.ndarray] = {}
+    for position, name in enumerate(names):
+        a = arrays[str(position)]
+        shape = layout[name][0]
+        if tuple(a.shape) != shape:
+            raise UpdateRejected("shape_mismatch",
+                                 f"array {position} ({name}): {tuple(a.shape)} != {shape}")
+        named[name] = a
+    return named
+
+
 def decode_reply(
     message: Message,
     *,
@@ -149,6 +178,7 @@ def decode_reply(
             arrays = {k: a.numpy() for k, a in arec.items()}
         except Exception as ex:
             raise UpdateRejected("malformed", f"plain arrays: {ex}") from None
+        arrays = by_position(arrays, layout)
         check_arrays(arrays, layout)
         return DecodedReply(arrays, False, weight, mrec, akey, mkey, False, "")
 

@@ -32,7 +32,11 @@ class RoundMetrics:
     of its central evaluation. `downlink_messages` (compressed downlink only)
     counts the train messages by what they carried: `full` (plain model),
     `first` (the model quantized), `delta` (against the device's anchor), and
-    `returning` (to devices that had replied before).
+    `returning` (to devices that had replied before). `codec` names what the
+    accepted replies carried, read from each reply (the codec its `ModelUpdate`
+    names, `none` for plain arrays; several joined by " | " in a mixed fleet),
+    not the codec the run asked for: a fleet without the compression mod reads
+    `none` even in an `int8` run.
     """
 
     round: int

@@ -32,6 +32,10 @@ from fedge.common.errors import CodecSpecError
 #: what the `strategy` key may name; `server_app.build_strategy` builds each of them
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 
+#: keys whose empty string means "the task's own train default" (a Flower app config,
+#: TOML, has no null: `[tool.flwr.app.config]` declares them as "")
+TASK_DEFAULT_KEYS = ("lr", "local-epochs", "batch-size")
+
 _CODEC_HINT = (f"a codec spec is {', '.join(VALUE_CODECS)}, with options "
                "(int8:block=64, int4:stochastic) or top-k (topk=0.01+int4)")
 
@@ -216,7 +220,7 @@ def validate_run_config(
     for key, rng in _RANGES.items():
         if key == "lr" and hook_lr is not None and config.get(key) == hook_lr:
             continue  # continuous mode's test hook set this round's lr on purpose
-        if key in config:
+        if key in config and not (key in TASK_DEFAULT_KEYS and config[key] == ""):
             _number(key, config[key], rng)
     _downlink(config)
     initial = config.get("initial-model")

@@ -108,6 +108,8 @@ class ServerConfig:
             if key not in config:
                 continue
             raw = config[key]
+            if f.name in _OPTIONAL_KINDS and raw == "":
+                continue  # "" in an app config: the task's own default (run_config.py)
             kind = _OPTIONAL_KINDS.get(f.name, type(getattr(cls, f.name)))
             try:
                 values[f.name] = kind(raw)
@@ -301,7 +303,7 @@ class _RoundRecorder:
             seconds=time.perf_counter() - stats.started_at,
             accepted=stats.accepted,
             train_loss=stats.train_metrics.get("train-loss"),
-            codec=stats.codec,
+            codec=stats.wire_codec,  # what arrived, not what was asked for
             downlink_messages=self._downlink_messages(server_round),
         )
         self.rounds.append(record)

@@ -58,6 +58,9 @@ def simulate_command(
     batch_size: int | None = typer.Option(None, help="Local batch size (task default if unset)."),
     data_dir: str | None = typer.Option(None, help="Folder with IDX files (fashion-mnist)."),
     out: Path = typer.Option(Path("fedge-out/simulate"), help="Folder for report.json/.png."),
+    ray_address: str = typer.Option("", "--ray-address", help="HOST:PORT of a running Ray "
+                                    "head (`ray start --head`): the virtual clients run on "
+                                    "that cluster instead of a fresh local Ray."),
     scenario: str = typer.Option("", help="A benchmark scenario (fashion-mnist-100 | "
                                  "shakespeare): its fixed settings and runs replace the "
                                  "options above; see simulations/BENCHMARKS.md."),
@@ -85,6 +88,7 @@ def simulate_command(
     from fedge.simulations.report import load_report
     from fedge.simulations.runner import (
         SimulationOptions,
+        check_ray_address,
         nothing_aggregated,
         parse_codec_list,
         simulate,
@@ -101,6 +105,7 @@ def simulate_command(
             codecs=parse_codec_list(codec), lr=lr, local_epochs=local_epochs,
             batch_size=batch_size, data_dir=data_dir, out=out, downlink=downlink,
             downlink_first_contact=downlink_first_contact,
+            ray_address=check_ray_address(ray_address) if ray_address else None,
         )
         configs = [options.run_config(c) for c in options.codecs]
         for config in configs:  # names, specs and ranges of every run first: no torch yet

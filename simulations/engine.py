@@ -1,9 +1,25 @@
 """Run fedge's ServerApp and ClientApp in Flower's simulation engine (Ray backend).
 
-Flower's Python `run_simulation` gives virtual clients an empty run config,
-so the simulation's data settings (task, partition, seed ...) reach them
-through a small client mod that fills `context.run_config`: in a simulation
-the runner, not the device, decides what data each virtual device holds.
+The engine is the one `flwr run` drives on Flower's simulation runtime: the
+`flwr-simulation` process (`flwr.simulation.run_simulation_process`) hands
+the apps to `flwr.simulation.run_simulation._run_simulation`, which starts the
+ServerApp in a thread and the virtual SuperNodes on Ray. fedge calls that same
+function with the app objects, so a simulation's round records reach
+in-process listeners, without the deprecated `flwr.simulation.run_simulation`
+wrapper (whose only addition is the deprecation warning). The call itself
+lives with the server side's other Flower internals
+(`fedge.server.flower_compat.run_simulation_engine`).
+
+Flower gives virtual clients of a Python-started simulation an empty run
+config, so the simulation's data settings (task, partition, seed ...) reach
+them through a small client mod that fills `context.run_config`: in a
+simulation the runner, not the device, decides what data each virtual device
+holds.
+
+`ray_address` (`HOST:PORT` of a running Ray head) runs the virtual clients on
+that Ray cluster instead of a fresh local one: Flower's Ray backend connects
+with `ray.init(address=...)`, and the cluster's CPUs decide how many clients
+train at once.
 """
 
 from __future__ import annotations
@@ -16,14 +32,13 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedge.client.client_app import make_client_app
-from fedge.client.compression_mod import compression_mod
+from fedge.client.client_app import FEDGE_MODS, make_client_app
+from fedge.server.flower_compat import run_simulation_engine
 from fedge.server.round_metrics import RoundListener
 from fedge.server.server_app import make_server_app
 
 ClientAppCallable = Callable[[Message, Context], Message]
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
-
 
 def run_config_mod(config: Mapping[str, Any]) -> Mod:
     """A client mod giving every virtual client the simulation's run config."""
@@ -45,15 +60,26 @@ def run_config_mod(config: Mapping[str, Any]) -> Mod:
 
 
 def simulation_client_app(run_config: Mapping[str, Any]) -> ClientApp:
-    """fedge's ClientApp with the compression mod, as a fleet of devices would run it."""
-    return make_client_app(mods=[run_config_mod(run_config), compression_mod])
+    """fedge's ClientApp (its own mods, compression among them) given the run config."""
+    return make_client_app(mods=[run_config_mod(run_config), *FEDGE_MODS])
 
 
-def ray_backend_config(num_cpus_per_client: float = 1.0) -> dict[str, Any]:
-    """One CPU per virtual client (Flower's default of 2 leaves one actor on 2 cores)."""
+def ray_backend_config(
+    num_cpus_per_client: float = 1.0, ray_address: str | None = None
+) -> dict[str, Any]:
+    """One CPU per virtual client (Flower's default of 2 leaves one actor on 2 cores).
+
+    A local Ray gets every CPU of this machine; on an existing cluster
+    (`ray_address`) Ray refuses `num_cpus`, and the cluster's own CPUs count.
+    """
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if ray_address:
+        init_args["address"] = ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
     return {
         "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+        "init_args": init_args,
     }
 
 
@@ -63,16 +89,14 @@ def run_in_ray(
     listeners: list[RoundListener],
     client_app: ClientApp | None = None,
     flower_log_level: int = logging.WARNING,
+    ray_address: str | None = None,
 ) -> None:
     """One federated run in Flower's simulation engine; rounds reach `listeners` as they end."""
-    from flwr.simulation import run_simulation
-
+    # Ray's FutureWarning about GPU env vars on every start: CPU-only clients opt in to the
+    # future behaviour (it changes nothing when no client asks for a GPU)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     server_app = make_server_app(run_config, listeners=listeners)
     client = client_app if client_app is not None else simulation_client_app(run_config)
     logging.getLogger("flwr").setLevel(flower_log_level)
-    run_simulation(
-        server_app=server_app,
-        client_app=client,
-        num_supernodes=num_clients,
-        backend_config=ray_backend_config(),
-    )
+    run_simulation_engine(server_app, client, num_clients,
+                          ray_backend_config(ray_address=ray_address))

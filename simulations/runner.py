@@ -45,6 +45,7 @@ class SimulationOptions:
     downlink: str = "none"
     downlink_first_contact: str = "full"  # or "compressed": the model quantized, too
     out: Path = Path("fedge-out")
+    ray_address: str | None = None  # HOST:PORT of a running Ray head; None: a fresh local Ray
 
     def run_config(self, codec: str) -> dict[str, Any]:
         """The run config one codec's run is given (ServerApp and virtual clients alike)."""
@@ -81,6 +82,15 @@ def task_for(dataset: str, model: str) -> str:
     if model not in ("auto", native_model):
         raise ValueError(f"dataset {dataset!r} runs with model {native_model!r}, not {model!r}")
     return task
+
+
+def check_ray_address(text: str) -> str:
+    """`HOST:PORT` of a Ray head (what `ray start --head` prints), or a ValueError saying so."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--ray-address {text!r} is not HOST:PORT; give the address "
+                         "`ray start --head` printed, e.g. 127.0.0.1:6379")
+    return f"{host}:{int(port)}"
 
 
 def parse_codec_list(text: str) -> list[str]:
@@ -168,7 +178,8 @@ def simulate(
     if runner is None:
         from fedge.simulations.engine import run_in_ray
 
-        runner = functools.partial(run_in_ray, flower_log_level=flower_log_level)
+        runner = functools.partial(run_in_ray, flower_log_level=flower_log_level,
+                                   ray_address=options.ray_address)
     console = console or Console()
     reports: list[RunReport] = []
     started = time.perf_counter()
@@ -196,6 +207,7 @@ def simulate(
                 runner(options.run_config(codec), options.clients, [on_round])
             if first_error():
                 report.extra["first_client_error"] = first_error()
+            report.extra["uplink_codec"] = uplink_codec(report.rounds)
             reports.append(report)
     meta = {
         "task": options.task,
@@ -207,6 +219,7 @@ def simulate(
         "seed": options.seed,
         "downlink": options.downlink,
         "downlink_first_contact": options.downlink_first_contact,
+        "ray_address": options.ray_address or "",
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     path = write_report(options.out, reports, meta)
@@ -215,17 +228,30 @@ def simulate(
     return path
 
 
+def uplink_codec(rounds: Sequence[dict[str, Any]]) -> str:
+    """What a run's replies carried, from the rounds' wire labels ("" if none arrived)."""
+    seen = {part for r in rounds for part in str(r.get("codec") or "").split(" | ") if part}
+    return " | ".join(sorted(seen))
+
+
 def summary_rows(report: dict[str, Any]) -> Sequence[tuple[str, str, str, str]]:
-    """Final accuracy and uplink per round of each run, for the closing table."""
+    """Final accuracy and uplink per round of each run, for the closing table.
+
+    A run whose replies arrived in another format than the one asked for says so:
+    `int8 (sent: none)`."""
     rows = []
     for run in report["runs"]:
         rounds = run["rounds"]
+        label = run["codec"]
+        sent = run.get("uplink_codec")
+        if sent and sent != label:
+            label = f"{label} (sent: {sent})"
         if not rounds:
-            rows.append((run["codec"], "-", "-", "-"))
+            rows.append((label, "-", "-", "-"))
             continue
         last = rounds[-1]
         mean_up = sum(r["uplink_bytes"] for r in rounds) / len(rounds)
         acc = "-" if last["accuracy"] is None else f"{last['accuracy']:.4f}"
-        rows.append((run["codec"], acc, f"{mean_up / 1e6:.3f}",
+        rows.append((label, acc, f"{mean_up / 1e6:.3f}",
                      str(sum(r["rejected"] for r in rounds))))
     return rows

@@ -45,7 +45,7 @@ from typer.testing import CliRunner
 
 from fedge.client.compression_mod import RESIDUAL_STATE_KEY, UPDATE_KEY, compression_mod
 from fedge.client.device_state import DeviceFolder
-from fedge.client.edge_runtime import EdgeDevice
+from fedge.client.edge_runtime import DEVICE_CODECS, EdgeDevice
 from fedge.common.arrays import arrays_to_record, model_to_arrays
 from fedge.common.flower_compat import context_from_bytes
 from fedge.common.models import DigitsMLP
@@ -330,8 +330,11 @@ async def test_stock_flower_client_app_trains_via_the_cli(real, tmp_path) -> Non
         await until(lambda: coordinator.fleet.live_node_ids(), "the device joined")
         (node_id,) = coordinator.fleet.live_node_ids()
         device_id = coordinator.fleet.device_for_node(node_id).device_id
-        # no fedge mod: no codecs announced
-        assert coordinator.store.get_device(device_id).capabilities.get("codecs", []) == []
+        # what the device's fedge can encode, whichever app it runs; the reply below shows
+        # that a stock app runs as it is defined (no mod is added to it)
+        assert coordinator.store.get_device(device_id).capabilities.get("codecs", []) == list(
+            DEVICE_CODECS
+        )
         tid = push_train(coordinator, node_id)
         await until(lambda: complete(coordinator, tid), "the result accepted")
     finally:
