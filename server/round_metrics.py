@@ -32,7 +32,10 @@ class RoundMetrics:
     of its central evaluation. `downlink_messages` (compressed downlink only)
     counts the train messages by what they carried: `full` (plain model),
     `first` (the model quantized), `delta` (against the device's anchor), and
-    `returning` (to devices that had replied before).
+    `returning` (to devices that had replied before). Under differential
+    privacy `epsilon` (at `delta`) is what the run has spent after this round,
+    `dp_clip` the clipping norm C used and `dp_noise_std` the noise's standard
+    deviation on the mean, z x C / n (docs/privacy.md).
     """
 
     round: int
@@ -47,6 +50,12 @@ class RoundMetrics:
     train_loss: float | None = None
     codec: str = ""
     downlink_messages: dict[str, int] = field(default_factory=dict)
+    # differential privacy (server/dp.py; None without): epsilon spent up to and including
+    # this round at `delta`, the clipping norm used and the noise std on the mean
+    epsilon: float | None = None
+    delta: float | None = None
+    dp_clip: float | None = None
+    dp_noise_std: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the shape `report.json` rounds use, plus extras)."""
