@@ -287,7 +287,7 @@ class DpMean:
         clipped, norm = clip_to_norm(delta, self.clip)
         del delta
         self.below_clip += int(norm <= self.clip if below_clip is None else below_clip)
-        self.max_folded_norm = max(self.max_folded_norm, min(norm, l2_norm(clipped)))
+        self.max_folded_norm = max(self.max_folded_norm, l2_norm(clipped))
         self.mean.add_delta(clipped, 1.0)
 
     def result(self) -> dict[str, np.ndarray] | None:
