@@ -436,6 +436,8 @@ class Coordinator:
             f"uplink {_size(record.uplink_bytes)}, downlink {_size(record.downlink_bytes)}, "
             f"devices {len(audit.contributors)} contributed, {len(audit.dropped)} dropped"
             f"{rejected}, {record.seconds:.1f} s"
+            + ("" if record.epsilon is None
+               else f", DP epsilon {record.epsilon:.3f} (delta {record.delta:g})")
         )
 
 

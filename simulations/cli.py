@@ -26,6 +26,8 @@ FLAG_KEYS = {
     "partition": "--partition", "alpha": "--alpha", "classes-per-client": "--classes-per-client",
     "seed": "--seed", "lr": "--lr", "local-epochs": "--local-epochs",
     "batch-size": "--batch-size", "data-dir": "--data-dir",
+    "dp-noise": "--dp-noise", "dp-clip": "--dp-clip", "dp-delta": "--dp-delta",
+    "dp-max-epsilon": "--dp-max-epsilon", "dp-adaptive": "--dp-adaptive",
 }
 
 
@@ -57,6 +59,16 @@ def simulate_command(
     local_epochs: int | None = typer.Option(None, help="Local epochs (task default if unset)."),
     batch_size: int | None = typer.Option(None, help="Local batch size (task default if unset)."),
     data_dir: str | None = typer.Option(None, help="Folder with IDX files (fashion-mnist)."),
+    dp_noise: float = typer.Option(0.0, help="Differential privacy: the noise multiplier z "
+                                   "(0: off); needs --dp-clip. docs/privacy.md."),
+    dp_clip: float | None = typer.Option(None, help="With --dp-noise: the L2 norm C each "
+                                         "device's update is clipped to."),
+    dp_delta: float | None = typer.Option(None, help="With --dp-noise: the delta epsilon is "
+                                          "stated at (default 1e-5)."),
+    dp_max_epsilon: float | None = typer.Option(None, help="With --dp-noise: stop before a "
+                                                "round would take epsilon past this."),
+    dp_adaptive: bool = typer.Option(False, "--dp-adaptive", help="With --dp-noise: adapt C "
+                                     "to the median update norm (Andrew et al.)."),
     out: Path = typer.Option(Path("fedge-out/simulate"), help="Folder for report.json/.png."),
     scenario: str = typer.Option("", help="A benchmark scenario (fashion-mnist-100 | "
                                  "shakespeare): its fixed settings and runs replace the "
@@ -101,6 +113,7 @@ def simulate_command(
             codecs=parse_codec_list(codec), lr=lr, local_epochs=local_epochs,
             batch_size=batch_size, data_dir=data_dir, out=out, downlink=downlink,
             downlink_first_contact=downlink_first_contact,
+            dp=_dp_keys(dp_noise, dp_clip, dp_delta, dp_max_epsilon, dp_adaptive),
         )
         configs = [options.run_config(c) for c in options.codecs]
         for config in configs:  # names, specs and ranges of every run first: no torch yet
@@ -124,6 +137,15 @@ def simulate_command(
     if failure:
         typer.echo(f"Error: {failure}", err=True)
         raise typer.Exit(1)
+
+
+def _dp_keys(noise: float, clip: float | None, delta: float | None,
+             max_epsilon: float | None, adaptive: bool) -> dict[str, float | bool]:
+    """The `--dp-*` flags as run-config keys (validated with the rest of the run config)."""
+    keys = {"dp-noise": noise, "dp-clip": clip, "dp-delta": delta,
+            "dp-max-epsilon": max_epsilon, "dp-adaptive": adaptive}
+    return {k: v for k, v in keys.items() if v not in (None, False) and not (
+        k == "dp-noise" and v == 0.0)}
 
 
 def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path,

@@ -44,6 +44,7 @@ class SimulationOptions:
     data_dir: str | None = None
     downlink: str = "none"
     downlink_first_contact: str = "full"  # or "compressed": the model quantized, too
+    dp: dict[str, Any] = field(default_factory=dict)  # run-config dp-* keys (server/dp.py)
     out: Path = Path("fedge-out")
 
     def run_config(self, codec: str) -> dict[str, Any]:
@@ -67,6 +68,7 @@ class SimulationOptions:
         optional = {"lr": self.lr, "local-epochs": self.local_epochs,
                     "batch-size": self.batch_size, "data-dir": self.data_dir}
         config.update({k: v for k, v in optional.items() if v is not None})
+        config.update(self.dp)
         return config
 
 
