@@ -89,7 +89,7 @@ class Metrics:
         self.dp_epsilon = Gauge(
             "fedge_dp_epsilon",
             "Differential privacy spent by the run so far: epsilon at fedge_dp_delta "
-            "(RDP accountant; absent without DP).",
+            "(RDP accountant; 0 without DP).",
             registry=r,
         )
         self.dp_delta = Gauge(
