@@ -370,6 +370,8 @@ def make_server_app(
         report = ConfigRecord({"rounds": [json.dumps(r.to_dict()) for r in recorder.rounds]})
         if recorder.initial is not None:
             report["initial-loss"], report["initial-accuracy"] = recorder.initial
+        if strategy.stopped:  # the DP budget ended training early (server/dp.py)
+            report["stopped"] = strategy.stopped
         context.state[REPORT_STATE_KEY] = report
         if len(result.arrays) > 0:
             context.state[FINAL_ARRAYS_STATE_KEY] = result.arrays
