@@ -285,3 +285,34 @@ def test_dp_settings_from_run_config() -> None:
     got = dp_from_config({"dp-noise": 0.9, "dp-clip": 0.3, "dp-delta": 1e-3,
                           "dp-max-epsilon": 8, "dp-adaptive": "true", "dp-population": 1000})
     assert got == DpSettings(0.9, 0.3, 1e-3, 8.0, True, population=1000)
+
+
+# ------------------------------------------------------------ the public Flower-app API
+
+
+def test_a_flower_app_gets_dp_from_fedge_flower() -> None:
+    """`from fedge.flower import Compressed, DifferentialPrivacy, compression_mod`: a stock
+    FedAvg started through the wrapper reports epsilon per round, and a device behind the
+    mod sends plain weights within C of the global model when the codec is `none`."""
+    from fedge.flower import Compressed, DifferentialPrivacy
+    from fedge.flower import compression_mod as public_mod
+
+    assert public_mod is compression_mod
+    random.seed(0)
+    grid = InProcessGrid([_app(3.0, compressed=True) for _ in range(3)], stream_replies=True)
+    strategy = Compressed(FedAvg(min_train_nodes=3, min_available_nodes=3,
+                                 fraction_evaluate=0.0), codec="none",
+                          dp=DifferentialPrivacy(noise_multiplier=1e-6, clip=0.25, delta=1e-3))
+    result = strategy.start(grid=grid, initial_arrays=_record(GLOBAL), num_rounds=2)
+    for rnd in (1, 2):
+        assert strategy.traffic(rnd).dp.epsilon == pytest.approx(
+            epsilon_for(1e-6, 3, 3, rnd, 1e-3), rel=1e-9)
+    final = {k: a.numpy().astype(np.float64) for k, a in result.arrays.items()}
+    # two rounds, each moving the model by at most C
+    assert l2_norm({k: final[k] - GLOBAL[k] for k in GLOBAL}) <= 2 * 0.25 * (1 + 1e-4)
+    # what one device sends: global + clip(local - global)
+    messages = list(strategy.configure_train(3, _record(GLOBAL), ConfigRecord(), grid))
+    reply = next(iter(grid.send_and_receive(messages[:1])))
+    sent = {k: a.numpy().astype(np.float64) - GLOBAL[k] for k, a in reply.content["arrays"].items()}
+    assert l2_norm(sent) <= 0.25 * (1 + 1e-5)
+    assert reply.content[DP_REPLY_KEY][DP_BELOW_CLIP_KEY] is False
