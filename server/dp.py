@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 #: run-config keys (docs/coordinator.md, `fedge simulate --dp-*`)
 DP_KEYS = ("dp-noise", "dp-clip", "dp-delta", "dp-max-epsilon", "dp-adaptive",
-           "dp-target-quantile", "dp-clip-lr", "dp-count-noise", "dp-population")
+           "dp-target-quantile", "dp-clip-lr", "dp-count-noise", "dp-population",
+           "dp-noise-seed")
 #: strategies whose aggregate is FedAvg's mean, the only one DP-FedAvg's noise calibrates
 DP_STRATEGIES = ("fedavg", "fedprox")
 DEFAULT_DELTA = 1e-5
@@ -55,7 +56,9 @@ class DpSettings:
     `count_noise` is the standard deviation of the noise on the count of
     unclipped updates (None: sampled / 20, Andrew et al.'s choice); it must
     exceed z / 2. `population` is the number of devices sampled from (None:
-    the nodes connected when the first round starts).
+    the nodes connected when the first round starts). `noise_seed` makes the
+    noise reproducible, for simulations that compare runs under the same noise
+    ONLY: whoever knows the seed knows the noise, and the guarantee is void.
     """
 
     noise_multiplier: float
@@ -67,6 +70,7 @@ class DpSettings:
     clip_lr: float = 0.2
     count_noise: float | None = None
     population: int | None = None
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, want: str) -> ValueError:
@@ -153,6 +157,9 @@ def dp_from_config(config: Mapping[str, Any]) -> DpSettings | None:
     population = _float(config, "dp-population", None)
     if population is not None and population != int(population):
         raise ValueError(f"dp-population: {population!r} is not a whole number")
+    seed = _float(config, "dp-noise-seed", None)
+    if seed is not None and (seed != int(seed) or seed < 0):
+        raise ValueError(f"dp-noise-seed: {seed!r} is not a whole number >= 0")
     return DpSettings(
         noise_multiplier=noise,
         clip=clip,
@@ -163,6 +170,7 @@ def dp_from_config(config: Mapping[str, Any]) -> DpSettings | None:
         clip_lr=_float(config, "dp-clip-lr", 0.2) or 0.2,
         count_noise=_float(config, "dp-count-noise", None),
         population=None if population is None else int(population),
+        noise_seed=None if seed is None else int(seed),
     )
 
 
@@ -322,6 +330,10 @@ class PrivacyBudget:
     def __init__(self, settings: DpSettings, rng: np.random.Generator | None = None) -> None:
         self.settings = settings
         self.clip = settings.clip
+        if rng is None and settings.noise_seed is not None:
+            log.warning("dp-noise-seed is set: the DP noise is reproducible, so it protects "
+                        "nothing against whoever knows the seed (simulations only)")
+            rng = np.random.default_rng(settings.noise_seed)
         self.rng = rng if rng is not None else np.random.default_rng()
         self.ledger: PrivacyLedger | None = None
         self.stopped: str | None = None  # the line saying why training stopped

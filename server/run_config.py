@@ -108,6 +108,7 @@ _RANGES: dict[str, _Range] = {
     "dp-clip-lr": _Range(float, 0, low_open=True),
     "dp-count-noise": _Range(float, 0, low_open=True),
     "dp-population": _Range(int, 1),
+    "dp-noise-seed": _Range(int, 0),
 }
 
 

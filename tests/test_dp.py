@@ -316,3 +316,21 @@ def test_a_flower_app_gets_dp_from_fedge_flower() -> None:
     sent = {k: a.numpy().astype(np.float64) - GLOBAL[k] for k, a in reply.content["arrays"].items()}
     assert l2_norm(sent) <= 0.25 * (1 + 1e-5)
     assert reply.content[DP_REPLY_KEY][DP_BELOW_CLIP_KEY] is False
+
+
+def test_noise_seed_reproduces_the_noise_and_none_does_not() -> None:
+    base = {"w": np.zeros(50)}
+
+    def noised(settings_: DpSettings) -> np.ndarray:
+        budget = PrivacyBudget(settings_)
+        mean = budget.mean(base, 2)
+        mean.add({"w": np.ones(50)}, is_delta=True)
+        result = mean.result()
+        assert result is not None
+        return result["w"]
+
+    seeded = DpSettings(1.0, 1.0, noise_seed=5)
+    assert np.array_equal(noised(seeded), noised(seeded))
+    fresh = DpSettings(1.0, 1.0)
+    assert not np.array_equal(noised(fresh), noised(fresh))
+    assert dp_from_config({"dp-noise": 1, "dp-clip": 1, "dp-noise-seed": 5}) == seeded
