@@ -85,7 +85,7 @@ def test_scenario_is_the_issues() -> None:
     eps3 = epsilon_for(DP_NOISE_EPS3, dp.per_round, dp.clients, dp.rounds, delta)
     assert 7.5 <= eps8 <= 8.0 and 2.8 <= eps3 <= 3.0
     config = dp.run_config(next(r for r in dp.runs if r.label == "int4+dp=0.96"))
-    assert (config["codec"], config["dp-noise"], config["dp-clip"]) == ("int4", 0.96, 1.0)
+    assert (config["codec"], config["dp-noise"], config["dp-clip"]) == ("int4", 0.96, 0.2)
     assert "dp-noise" not in dp.run_config(dp.runs[0])
 
 
@@ -117,8 +117,9 @@ def test_fashion_mnist_dp_smoke(tmp_path: Path) -> None:
         if "+dp=" in label:
             assert summary["epsilon"] == pytest.approx(expected, abs=1e-4)
             assert summary["delta"] == 1e-3
-            assert all(r["dp_clip"] == 1.0 and r["dp_noise_std"] == pytest.approx(
-                DP_NOISE_EPS8 * 1.0 / 2) for r in run["rounds"])
+            clip = scenario.dp["dp-clip"]
+            assert all(r["dp_clip"] == clip and r["dp_noise_std"] == pytest.approx(
+                DP_NOISE_EPS8 * clip / 2) for r in run["rounds"])
         else:
             assert summary["epsilon"] is None and summary["delta"] is None
     assert "| epsilon |" in (tmp_path / "out" / "report.md").read_text()
