@@ -262,6 +262,21 @@ def noise_for_epsilon(epsilon: float, sampled: int, population: int, rounds: int
     return hi
 
 
+def budget_refusal(settings: DpSettings, sampled: int, population: int) -> str | None:
+    """Why `max_epsilon` cannot allow even one round of `sampled` of `population` devices
+    (None when it can): a run that would train nothing is refused before it starts."""
+    if settings.max_epsilon is None:
+        return None
+    ledger = PrivacyLedger(settings.noise_multiplier, settings.delta,
+                           settings.population or population)
+    first = ledger.compose(sampled)
+    if first <= settings.max_epsilon:
+        return None
+    return (f"{settings.max_epsilon:g} is below the epsilon of one round ({first:.3f} at "
+            f"delta {settings.delta:g}, z {settings.noise_multiplier:g}, {sampled} of "
+            f"{settings.population or population} devices): raise it or --dp-noise")
+
+
 class DpMean:
     """One round's clipped, unweighted, noised mean over `StreamingMean` (O(model) memory).
 

@@ -119,6 +119,7 @@ def simulate_command(
         for config in configs:  # names, specs and ranges of every run first: no torch yet
             validate_run_config(config, load_task=False)
         validate_run_config(configs[0], num_partitions=clients)
+        _refuse_unusable_budget(configs[0], clients, fraction, min_clients)
     except RunConfigError as error:
         typer.echo(f"Error: {error.line(FLAG_KEYS)}", err=True)
         raise typer.Exit(2) from None
@@ -137,6 +138,21 @@ def simulate_command(
     if failure:
         typer.echo(f"Error: {failure}", err=True)
         raise typer.Exit(1)
+
+
+def _refuse_unusable_budget(config: dict, clients: int, fraction: float,
+                            min_clients: int) -> None:
+    """A --dp-max-epsilon that one round already passes trains nothing: refused up front."""
+    from fedge.server.dp import budget_refusal, dp_from_config
+    from fedge.server.run_config import RunConfigError
+
+    settings = dp_from_config(config)
+    if settings is None or settings.max_epsilon is None:
+        return
+    sampled = min(clients, max(int(clients * fraction), min_clients))  # as FedAvg samples
+    why = budget_refusal(settings, sampled, clients)
+    if why:
+        raise RunConfigError("dp-max-epsilon", why)
 
 
 def _dp_keys(noise: float, clip: float | None, delta: float | None,

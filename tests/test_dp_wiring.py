@@ -130,6 +130,9 @@ def test_fashion_mnist_dp_smoke(tmp_path: Path) -> None:
     (["--dp-noise", "1.0"], "--dp-clip"),
     (["--dp-noise", "1.0", "--dp-clip", "1.0", "--strategy", "fedmedian"], "--strategy"),
     (["--dp-noise", "1.0", "--dp-clip", "1.0", "--dp-delta", "2"], "--dp-delta"),
+    # 4 of 4 clients at z 1: one round spends epsilon 4.73 at delta 1e-5
+    (["--clients", "4", "--dp-noise", "1.0", "--dp-clip", "1.0", "--dp-max-epsilon", "2"],
+     "--dp-max-epsilon"),
 ])
 def test_simulate_refuses_bad_dp_flags_in_one_line(args: list[str], flag: str) -> None:
     done = subprocess.run([*FEDGE, "simulate", *args], env=ENV, capture_output=True,
