@@ -18,6 +18,13 @@ expect): `ClientApp(mods=[compression_mod])`. On a `train` message it
 5. stores the new residual and replaces the reply's arrays with a single uint8
    array `fedge.update`: the serialized `ModelUpdate` (docs/CONTRACTS.md).
 
+Under differential privacy (the train config names `fedge.dp-clip`, docs/privacy.md)
+what is sent, the update plus the error-feedback residual, is clipped to that
+L2 norm before quantizing (with `none`, the reply's full weights become
+global + clipped update), and the reply carries a ConfigRecord `fedge.dp`
+saying whether the unclipped norm was within it (adaptive clipping's bit).
+What clipping cuts off is dropped, not kept in the residual.
+
 When the config names no codec (or `none`), when the reply is an error, or
 when it does not have the expected shape, the reply passes through untouched,
 so a server without fedge's wrapper still gets what it asked for. Evaluate and
@@ -33,7 +40,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+)
 
 from fedge.client.downlink_cache import is_downlink, with_downlink
 from fedge.client.flower_compat import ClientAppCallable, Mod
@@ -41,11 +56,15 @@ from fedge.common.codec_spec import parse_codec
 from fedge.common.contract import (
     BASE_VERSION_KEY,
     CODEC_KEY,
+    DP_BELOW_CLIP_KEY,
+    DP_CLIP_KEY,
+    DP_REPLY_KEY,
     RESET_RESIDUAL_KEY,
     RESIDUAL_STATE_KEY,
     RUN_ID_KEY,
     UPDATE_KEY,
 )
+from fedge.common.dp_clip import clip_to_norm
 from fedge.common.records import config_record, model_record, records_of
 from fedge.common.update_array import pack_update
 from fedge.common.update_codec import encode_update
@@ -169,6 +188,53 @@ def _rng(context: Context, server_round: int) -> np.random.Generator:
     return np.random.default_rng([seed, int(who), int(server_round)])
 
 
+def dp_clip_of(cfg: Mapping[str, Any]) -> float | None:
+    """The clipping norm the train config asks for (`fedge.dp-clip`), None when none/invalid."""
+    value = cfg.get(DP_CLIP_KEY)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def clip_for_sending(
+    delta: dict[str, np.ndarray], residual: Mapping[str, np.ndarray] | None, clip: float
+) -> tuple[dict[str, np.ndarray], bool]:
+    """(clip(delta + residual) to L2 norm `clip`, whether the unclipped norm was within it).
+
+    DP-FedAvg bounds what a device sends; with error feedback that is the update
+    plus the residual, so both are clipped together before quantizing. `delta`
+    is consumed; dtypes are kept (the codec expects the model's).
+    """
+    if residual:
+        for k, r in residual.items():
+            d = delta[k]
+            delta[k] = np.add(d, r, out=d) if d.dtype == r.dtype and d.flags.writeable \
+                else np.asarray(d + r, dtype=d.dtype)
+    clipped, norm = clip_to_norm(delta, clip, keep_dtype=True)
+    return clipped, norm <= clip
+
+
+def _tag_below_clip(reply: Message, below: bool) -> None:
+    reply.content[DP_REPLY_KEY] = ConfigRecord({DP_BELOW_CLIP_KEY: bool(below)})
+
+
+def _clip_plain_reply(message: Message, reply: Message, clip: float) -> Message:
+    """A plain (`none`) reply under DP: full weights global + clip(local - global)."""
+    global_ = incoming_global(message)
+    found = model_record(reply.content)
+    if global_ is None or reply.has_error() or found is None:
+        return reply
+    key, record = found
+    delta = _delta({k: a.numpy() for k, a in record.items()}, global_)
+    if delta is None:
+        return reply
+    clipped, below = clip_for_sending(delta, None, clip)
+    reply.content[key] = ArrayRecord({
+        k: Array(np.asarray(global_[k] + v, dtype=global_[k].dtype)) for k, v in clipped.items()})
+    _tag_below_clip(reply, below)
+    return reply
+
+
 def make_compression_mod(
     default_codec: str | None = None, *, state_key: str = RESIDUAL_STATE_KEY
 ) -> Mod:
@@ -185,8 +251,11 @@ def make_compression_mod(
         # a model that came as a downlink delta: reply with an exact delta even for `none`,
         # so the server adds it to the exact global model (docs/compression.md)
         codec = parse_codec(spec) if spec else None
+        dp_clip = dp_clip_of(cfg)
         if codec is None or (not codec.lossy and not is_downlink(message)):
-            return call_next(message, context)  # `none`: full weights, as a stock client
+            if dp_clip is None:
+                return call_next(message, context)  # `none`: full weights, as a stock client
+            return _clip_plain_reply(message, call_next(message, context), dp_clip)
 
         global_ = incoming_global(message)
         residual = None
@@ -211,6 +280,10 @@ def make_compression_mod(
             log.warning("compression mod: reply tensors differ from the global model; sent as is")
             return reply
         server_round = int(cfg.get("server-round", 0))
+        below_clip = None
+        if dp_clip is not None:  # what is sent, update + residual, within C before quantizing
+            delta, below_clip = clip_for_sending(delta, residual, dp_clip)
+            residual = None
         try:
             update, residual = encode_update(
                 delta,
@@ -232,6 +305,8 @@ def make_compression_mod(
         store_residual(context, residual, state_key)
         packed = pack_update(update.SerializeToString())
         reply.content[array_key] = ArrayRecord({UPDATE_KEY: packed})
+        if below_clip is not None:
+            _tag_below_clip(reply, below_clip)
         return reply
 
     # rebuilds downlink deltas first (downlink_cache); compresses once however often installed

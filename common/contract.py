@@ -69,3 +69,14 @@ ANCHOR_META_STATE_KEY = "fedge.downlink"
 REPORT_STATE_KEY = "fedge.report"
 #: ServerApp: the final global model (ArrayRecord)
 FINAL_ARRAYS_STATE_KEY = "fedge.final-arrays"
+
+# ---------------------------------------------------------------- differential privacy
+# (docs/privacy.md) The coordinator names the clipping norm in every train config; a fedge
+# device clips what it sends (update plus error-feedback residual) to it and reports, in a
+# reply ConfigRecord, whether its unclipped norm was within it (adaptive clipping's bit).
+
+#: train config: the L2 norm C the device clips its update to (absent: no DP clipping)
+DP_CLIP_KEY = "fedge.dp-clip"
+#: ConfigRecord a device adds to its train reply under DP, and its key: norm <= C (bool)
+DP_REPLY_KEY = "fedge.dp"
+DP_BELOW_CLIP_KEY = "below-clip"

@@ -23,6 +23,11 @@ It wraps a `flwr.serverapp.strategy.Strategy` and is one itself, so
   completes with the rest.
 - Per round it records uplink bytes, downlink bytes, accepted and rejected
   counts: `traffic(server_round)` -> `RoundTraffic`.
+- With `dp=DpSettings(...)` (server/dp.py, docs/privacy.md) it runs user-level
+  DP-FedAvg: the clipping norm goes out in the train config, each decoded
+  update is clipped again here, the unweighted mean gets Gaussian noise, and
+  the round's epsilon lands in `RoundTraffic.dp`. A round that would pass the
+  epsilon budget is not sent: `stopped` says why.
 """
 
 from __future__ import annotations
@@ -39,11 +44,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedge.common.codec_spec import parse_codec
-from fedge.common.contract import BASE_VERSION_KEY, CODEC_KEY, RUN_ID_KEY
+from fedge.common.contract import (
+    BASE_VERSION_KEY,
+    CODEC_KEY,
+    DP_BELOW_CLIP_KEY,
+    DP_CLIP_KEY,
+    DP_REPLY_KEY,
+    RUN_ID_KEY,
+)
 from fedge.common.errors import UpdateRejected
 from fedge.common.model_version import model_version
+from fedge.common.records import records_of
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
 from fedge.server.downlink import DownlinkCompressor
+from fedge.server.dp import DpMean, DpRound, DpSettings, PrivacyBudget
 from fedge.server.reply_decoder import (
     DecodedReply,
     Layout,
@@ -70,6 +84,7 @@ class RoundTraffic:
     accepted_nodes: list[int] = field(default_factory=list)  # src node ids, for audit trails
     rejected_reasons: Counter[str] = field(default_factory=Counter)
     train_metrics: dict[str, float] = field(default_factory=dict)
+    dp: DpRound | None = None  # epsilon, delta, clip and noise of a DP round
     started_at: float = field(default_factory=time.perf_counter)
     # accepted replies by the format they arrived in: the codec a ModelUpdate names, or
     # "none" for plain arrays -- what crossed the wire, whatever `codec` asked for
@@ -118,6 +133,7 @@ class CompressedStrategy(Strategy):
         run_id: str = "",
         streaming: bool | None = None,
         downlink: DownlinkCompressor | None = None,
+        dp: DpSettings | PrivacyBudget | None = None,
     ) -> None:
         self.strategy = strategy
         self.codec = codec
@@ -129,10 +145,15 @@ class CompressedStrategy(Strategy):
             raise ValueError("streaming aggregation needs a FedAvg-type strategy")
         if isinstance(codec, str):
             parse_codec(codec)  # fail at construction on a bad spec
+        self.privacy = PrivacyBudget(dp) if isinstance(dp, DpSettings) else dp
+        if self.privacy is not None and not self.streaming:
+            raise ValueError("differential privacy needs a FedAvg-type strategy (fedavg, "
+                             "fedprox): its noise is calibrated to the unweighted mean")
         self.history: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] = {}
         self._layout: Layout = {}
         self._version = ""
+        self._sampled = 0
 
     # ------------------------------------------------------------ helpers
 
@@ -146,6 +167,11 @@ class CompressedStrategy(Strategy):
         if server_round not in self.history:
             self.history[server_round] = RoundTraffic(server_round)
         return self.history[server_round]
+
+    @property
+    def stopped(self) -> str | None:
+        """Why training stopped early (the DP budget), or None while it goes on."""
+        return None if self.privacy is None else self.privacy.stopped
 
     @property
     def weighted_by_key(self) -> str:
@@ -179,7 +205,13 @@ class CompressedStrategy(Strategy):
         cfg[CODEC_KEY] = stats.codec
         cfg[BASE_VERSION_KEY] = self._version
         cfg[RUN_ID_KEY] = self.run_id
+        if self.privacy is not None:
+            cfg[DP_CLIP_KEY] = float(self.privacy.clip)
         messages = list(self.strategy.configure_train(server_round, arrays, cfg, grid))
+        if self.privacy is not None and not self.privacy.allows(
+                server_round, len(messages), len(list(grid.get_node_ids()))):
+            return []  # the budget is spent: nothing is sent, the model stays
+        self._sampled = len(messages)
         messages = self._prepare_downlink(messages)
         stats.downlink_bytes += sum(_message_array_bytes(m) for m in messages)
         return messages
@@ -188,6 +220,8 @@ class CompressedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Unchanged from the wrapped strategy; the model bytes sent are counted."""
+        if self.stopped:
+            return []
         messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
         self.traffic(server_round).downlink_bytes += sum(
             _message_array_bytes(m) for m in messages
@@ -209,7 +243,11 @@ class CompressedStrategy(Strategy):
         if self.downlink is not None:
             replies = self.downlink.observe(replies)  # learns which model each device holds
         accepted = self._accepted(server_round, replies)
-        if self.streaming:
+        if self.privacy is not None:
+            if self.stopped:
+                return None, None
+            arrays, metrics = self._aggregate_private(server_round, accepted, self.privacy)
+        elif self.streaming:
             arrays, metrics = self._aggregate_streaming(accepted)
         else:
             arrays, metrics = self._aggregate_delegated(server_round, accepted)
@@ -287,6 +325,28 @@ class CompressedStrategy(Strategy):
         metrics = strategy.train_metrics_aggr_fn(metric_contents, strategy.weighted_by_key)
         return arrays, metrics
 
+    def _aggregate_private(
+        self, server_round: int, accepted: Iterator[tuple[Message, DecodedReply]],
+        privacy: PrivacyBudget,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """DP-FedAvg (server/dp.py): clip each update, unweighted mean, noise, account."""
+        strategy = self.strategy
+        assert isinstance(strategy, FedAvg)
+        mean: DpMean = privacy.mean(self._global, self._sampled)
+        metric_contents: list[RecordDict] = []
+        for msg, decoded in accepted:
+            mean.add(decoded.arrays, is_delta=decoded.is_delta, below_clip=_below_clip(msg))
+            metric_contents.append(RecordDict({decoded.metric_key: decoded.metrics}))
+            del decoded, msg  # hold one reply at a time
+        result = mean.result()
+        self.traffic(server_round).dp = privacy.finish(server_round, mean, self._sampled)
+        del mean
+        if result is None:
+            return None, None
+        arrays = ArrayRecord({k: Array(np.asarray(result.pop(k))) for k in list(result)})
+        metrics = strategy.train_metrics_aggr_fn(metric_contents, strategy.weighted_by_key)
+        return arrays, metrics
+
     def _aggregate_delegated(
         self, server_round: int, accepted: Iterator[tuple[Message, DecodedReply]]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -330,3 +390,10 @@ class CompressedStrategy(Strategy):
                 a = np.asarray(a, dtype=dtype)
             out[k] = Array(a)
         return ArrayRecord(out)
+
+
+def _below_clip(message: Message) -> bool | None:
+    """A fedge device's report that its unclipped norm was within C (None: none sent)."""
+    record = records_of(message.content, ConfigRecord).get(DP_REPLY_KEY)
+    value = None if record is None else record.get(DP_BELOW_CLIP_KEY)
+    return value if isinstance(value, bool) else None

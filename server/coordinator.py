@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import grpc
 
 from fedge.common.chunking import DEFAULT_CHUNK_SIZE
+from fedge.common.contract import REPORT_STATE_KEY
 from fedge.server.continuous import ContinuousSettings, round_config, wait_for_round
 from fedge.server.coordinator_service import (
     DEFAULT_MAX_RESULT_BYTES,
@@ -367,6 +368,9 @@ class Coordinator:
         )
         app(self.grid, context)
         self.store.set_run_status(self.run_id, RunStatus.COMPLETED)
+        stopped = _budget_stop(context)
+        if stopped:
+            self.out(f"run {self.run_id}: {stopped}")
         if not self._aggregated_anything():
             self.out(f"run {self.run_id}: FAILED: no round aggregated an update; "
                      f"{self._first_error()}")
@@ -406,6 +410,11 @@ class Coordinator:
                 run_config=config,
             )
             app(grid, context)
+            stopped = _budget_stop(context)
+            if stopped:  # the DP budget is spent: no round can run, the last model stays
+                self.out(f"run {self.run_id}: {stopped}")
+                self.store.set_run_status(self.run_id, RunStatus.COMPLETED)
+                return "finished"
             last_round_end = time.monotonic()
             server_round += 1
 
@@ -444,7 +453,16 @@ class Coordinator:
             f"uplink {_size(record.uplink_bytes)}, downlink {_size(record.downlink_bytes)}, "
             f"devices {len(audit.contributors)} contributed, {len(audit.dropped)} dropped"
             f"{rejected}, {record.seconds:.1f} s"
+            + ("" if record.epsilon is None
+               else f", DP epsilon {record.epsilon:.3f} (delta {record.delta:g})")
         )
+
+
+def _budget_stop(context: Any) -> str | None:
+    """The line the ServerApp left when the DP budget stopped training (server/dp.py)."""
+    report = context.state.get(REPORT_STATE_KEY)
+    value = None if report is None else report.get("stopped")
+    return value if isinstance(value, str) else None
 
 
 # ---------------------------------------------------------------- building

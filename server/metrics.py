@@ -86,6 +86,15 @@ class Metrics:
             "fedge_predict_requests", "Predict requests, by outcome.", ["outcome"], registry=r
         )
         self.predict_examples = Counter("fedge_predict_examples", "Examples predicted.", registry=r)
+        self.dp_epsilon = Gauge(
+            "fedge_dp_epsilon",
+            "Differential privacy spent by the run so far: epsilon at fedge_dp_delta "
+            "(RDP accountant; 0 without DP).",
+            registry=r,
+        )
+        self.dp_delta = Gauge(
+            "fedge_dp_delta", "The delta fedge_dp_epsilon is stated at.", registry=r
+        )
         self._reasons: set[str] = set()
 
     # -- rounds and fleet (the coordinator calls these) ------------------------
@@ -96,7 +105,8 @@ class Metrics:
         self.round_duration.observe(max(0.0, float(seconds)))
 
     def observe_round(self, record: RoundMetrics) -> None:
-        """Everything one RoundMetrics says: the round, its duration, its rejections.
+        """Everything one RoundMetrics says: the round, its duration, its rejections, and
+        under differential privacy the epsilon spent so far.
 
         Bytes are not taken from it: count them where they cross the wire
         (`add_bytes_in`/`add_bytes_out`), so nothing is counted twice.
@@ -104,6 +114,9 @@ class Metrics:
         self.round_completed(record.seconds)
         for reason, count in record.rejected_reasons.items():
             self.update_rejected(reason, count)
+        if record.epsilon is not None:
+            self.dp_epsilon.set(record.epsilon)
+            self.dp_delta.set(record.delta or 0.0)
 
     def set_devices_connected(self, n: int) -> None:
         """Devices with a live session right now."""

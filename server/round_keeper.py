@@ -121,8 +121,10 @@ class RoundKeeper:
     def _register(self, version: str, record: RoundMetrics) -> None:
         """The registry and metrics after a committed round: evaluation, then promote or gate."""
         registry, gate = self.registry, self.gate
-        evaluation = {k: v for k, v in (("accuracy", record.accuracy), ("loss", record.loss))
-                      if v is not None}
+        evaluation = {k: v for k, v in (("accuracy", record.accuracy), ("loss", record.loss),
+                                        # DP: what the version cost, so it states its epsilon
+                                        ("dp-epsilon", record.epsilon),
+                                        ("dp-delta", record.delta)) if v is not None}
         if evaluation:
             registry.set_evaluation(version, evaluation)
         self.metrics.add_bytes_in(record.uplink_bytes)

@@ -36,7 +36,10 @@ class RoundMetrics:
     accepted replies carried, read from each reply (the codec its `ModelUpdate`
     names, `none` for plain arrays; several joined by " | " in a mixed fleet),
     not the codec the run asked for: a fleet without the compression mod reads
-    `none` even in an `int8` run.
+    `none` even in an `int8` run. Under differential
+    privacy `epsilon` (at `delta`) is what the run has spent after this round,
+    `dp_clip` the clipping norm C used and `dp_noise_std` the noise's standard
+    deviation on the mean, z x C / n (docs/privacy.md).
     """
 
     round: int
@@ -51,6 +54,12 @@ class RoundMetrics:
     train_loss: float | None = None
     codec: str = ""
     downlink_messages: dict[str, int] = field(default_factory=dict)
+    # differential privacy (server/dp.py; None without): epsilon spent up to and including
+    # this round at `delta`, the clipping norm used and the noise std on the mean
+    epsilon: float | None = None
+    delta: float | None = None
+    dp_clip: float | None = None
+    dp_noise_std: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the shape `report.json` rounds use, plus extras)."""

@@ -104,6 +104,15 @@ _RANGES: dict[str, _Range] = {
     "test-fraction": _Range(float, 0, 1, high_open=True),
     "downlink-keep": _Range(int, 1),
     "downlink-max-age": _Range(int, 1),
+    "dp-noise": _Range(float, 0),
+    "dp-clip": _Range(float, 0, low_open=True),
+    "dp-delta": _Range(float, 0, 1, low_open=True, high_open=True),
+    "dp-max-epsilon": _Range(float, 0, low_open=True),
+    "dp-target-quantile": _Range(float, 0, 1, low_open=True, high_open=True),
+    "dp-clip-lr": _Range(float, 0, low_open=True),
+    "dp-count-noise": _Range(float, 0, low_open=True),
+    "dp-population": _Range(int, 1),
+    "dp-noise-seed": _Range(int, 0),
 }
 
 
@@ -155,6 +164,23 @@ def _downlink(config: Mapping[str, Any]) -> None:
         raise RunConfigError("downlink-codec", str(e)) from None
 
 
+def _dp(config: Mapping[str, Any]) -> None:
+    """Differential privacy (server/dp.py): settings that run together, a FedAvg-type
+    strategy (the noise is calibrated to the unweighted mean)."""
+    from fedge.server.dp import DP_STRATEGIES, dp_from_config
+
+    try:
+        settings = dp_from_config(config)
+    except ValueError as e:
+        key, _, why = str(e).partition(": ")
+        raise RunConfigError(key if key.startswith("dp-") else "dp-noise", why or str(e)) \
+            from None
+    strategy = str(config.get("strategy", "fedavg") or "fedavg").strip().lower()
+    if settings is not None and strategy not in DP_STRATEGIES:
+        raise RunConfigError("strategy", f"{strategy!r} cannot run with dp-noise: DP-FedAvg "
+                             f"needs the plain mean ({', '.join(DP_STRATEGIES)})")
+
+
 def _task_reference(config: Mapping[str, Any]) -> str:
     """The task's name; a `module:object` whose module cannot be found is refused here."""
     raw = config.get("task", "digits")
@@ -203,6 +229,7 @@ def validate_run_config(
 
     Checks values are scalars, `strategy`, `partition`, `codec`, the downlink
     (`downlink-codec`, `-first-contact`, `-keep`, `-max-age`), numeric ranges,
+    differential privacy (`dp-noise` with `dp-clip`, a FedAvg-type strategy),
     `initial-model`, then imports `task` and reads its data (with
     `num_partitions`, client 0's share too). `load_task=False` stops before the
     import (what a caller that must not load torch yet can check).
@@ -223,6 +250,7 @@ def validate_run_config(
         if key in config and not (key in TASK_DEFAULT_KEYS and config[key] == ""):
             _number(key, config[key], rng)
     _downlink(config)
+    _dp(config)
     initial = config.get("initial-model")
     if initial and not Path(str(initial)).is_file():
         raise RunConfigError("initial-model", f"{initial!r} is not a file")

@@ -58,6 +58,7 @@ from fedge.common.training import evaluate
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
 from fedge.server.compressed_strategy import CompressedStrategy
 from fedge.server.downlink import downlink_from_config
+from fedge.server.dp import dp_from_config
 from fedge.server.round_metrics import JsonlRoundWriter, RoundListener, RoundMetrics, notify
 from fedge.server.run_config import STRATEGIES, validate_run_config
 
@@ -267,6 +268,8 @@ class _RoundRecorder:
         self.initial: tuple[float, float] | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round and self.strategy.stopped:  # the DP budget ended training: no round
+            return None
         loss = accuracy = None
         if self.test is not None:
             record_to_model(self.model, arrays)
@@ -306,6 +309,9 @@ class _RoundRecorder:
             codec=stats.wire_codec,  # what arrived, not what was asked for
             downlink_messages=self._downlink_messages(server_round),
         )
+        if stats.dp is not None:
+            record.epsilon, record.delta = stats.dp.epsilon, stats.dp.delta
+            record.dp_clip, record.dp_noise_std = stats.dp.clip, stats.dp.noise_std
         self.rounds.append(record)
         end = RoundEnd(record, arrays, list(stats.accepted_nodes))
         for hook in self.round_end:
@@ -343,6 +349,7 @@ def make_server_app(
             max_update_bytes=cfg.max_update_bytes,
             run_id=str(context.run_id),
             downlink=downlink_from_config(run_config, run_id=str(context.run_id)),
+            dp=dp_from_config(run_config),
         )
         targets = list(listeners)
         if cfg.report_path:
@@ -365,6 +372,8 @@ def make_server_app(
         report = ConfigRecord({"rounds": [json.dumps(r.to_dict()) for r in recorder.rounds]})
         if recorder.initial is not None:
             report["initial-loss"], report["initial-accuracy"] = recorder.initial
+        if strategy.stopped:  # the DP budget ended training early (server/dp.py)
+            report["stopped"] = strategy.stopped
         context.state[REPORT_STATE_KEY] = report
         if len(result.arrays) > 0:
             context.state[FINAL_ARRAYS_STATE_KEY] = result.arrays

@@ -135,6 +135,22 @@ class StreamingMean:
         self.total_weight += float(weight)
         self.count += 1
 
+    def add_noise(self, std: float, rng: np.random.Generator) -> None:
+        """Add N(0, std^2) to every coordinate of the running sum (DP-FedAvg, server/dp.py).
+
+        Drawn chunk by chunk into the scratch buffer: no model-sized temporary.
+        """
+        if std <= 0:
+            return
+        for acc in self._accumulators().values():
+            flat = acc.reshape(-1)
+            for lo in range(0, flat.size, CHUNK):
+                hi = min(lo + CHUNK, flat.size)
+                tmp = self._scratch[: hi - lo]
+                rng.standard_normal(out=tmp, dtype=tmp.dtype)
+                tmp *= std
+                flat[lo:hi] += tmp
+
     def result(self) -> dict[str, np.ndarray] | None:
         """The weighted mean (base dtypes), or None when nothing was added.
 

@@ -26,6 +26,8 @@ FLAG_KEYS = {
     "partition": "--partition", "alpha": "--alpha", "classes-per-client": "--classes-per-client",
     "seed": "--seed", "lr": "--lr", "local-epochs": "--local-epochs",
     "batch-size": "--batch-size", "data-dir": "--data-dir",
+    "dp-noise": "--dp-noise", "dp-clip": "--dp-clip", "dp-delta": "--dp-delta",
+    "dp-max-epsilon": "--dp-max-epsilon", "dp-adaptive": "--dp-adaptive",
 }
 
 
@@ -57,6 +59,16 @@ def simulate_command(
     local_epochs: int | None = typer.Option(None, help="Local epochs (task default if unset)."),
     batch_size: int | None = typer.Option(None, help="Local batch size (task default if unset)."),
     data_dir: str | None = typer.Option(None, help="Folder with IDX files (fashion-mnist)."),
+    dp_noise: float = typer.Option(0.0, help="Differential privacy: the noise multiplier z "
+                                   "(0: off); needs --dp-clip. docs/privacy.md."),
+    dp_clip: float | None = typer.Option(None, help="With --dp-noise: the L2 norm C each "
+                                         "device's update is clipped to."),
+    dp_delta: float | None = typer.Option(None, help="With --dp-noise: the delta epsilon is "
+                                          "stated at (default 1e-5)."),
+    dp_max_epsilon: float | None = typer.Option(None, help="With --dp-noise: stop before a "
+                                                "round would take epsilon past this."),
+    dp_adaptive: bool = typer.Option(False, "--dp-adaptive", help="With --dp-noise: adapt C "
+                                     "to the median update norm (Andrew et al.)."),
     out: Path = typer.Option(Path("fedge-out/simulate"), help="Folder for report.json/.png."),
     ray_address: str = typer.Option("", "--ray-address", help="HOST:PORT of a running Ray "
                                     "head (`ray start --head`): the virtual clients run on "
@@ -106,11 +118,13 @@ def simulate_command(
             batch_size=batch_size, data_dir=data_dir, out=out, downlink=downlink,
             downlink_first_contact=downlink_first_contact,
             ray_address=check_ray_address(ray_address) if ray_address else None,
+            dp=_dp_keys(dp_noise, dp_clip, dp_delta, dp_max_epsilon, dp_adaptive),
         )
         configs = [options.run_config(c) for c in options.codecs]
         for config in configs:  # names, specs and ranges of every run first: no torch yet
             validate_run_config(config, load_task=False)
         validate_run_config(configs[0], num_partitions=clients)
+        _refuse_unusable_budget(configs[0], clients, fraction, min_clients)
     except RunConfigError as error:
         typer.echo(f"Error: {error.line(FLAG_KEYS)}", err=True)
         raise typer.Exit(2) from None
@@ -129,6 +143,30 @@ def simulate_command(
     if failure:
         typer.echo(f"Error: {failure}", err=True)
         raise typer.Exit(1)
+
+
+def _refuse_unusable_budget(config: dict, clients: int, fraction: float,
+                            min_clients: int) -> None:
+    """A --dp-max-epsilon that one round already passes trains nothing: refused up front."""
+    from fedge.server.dp import budget_refusal, dp_from_config
+    from fedge.server.run_config import RunConfigError
+
+    settings = dp_from_config(config)
+    if settings is None or settings.max_epsilon is None:
+        return
+    sampled = min(clients, max(int(clients * fraction), min_clients))  # as FedAvg samples
+    why = budget_refusal(settings, sampled, clients)
+    if why:
+        raise RunConfigError("dp-max-epsilon", why)
+
+
+def _dp_keys(noise: float, clip: float | None, delta: float | None,
+             max_epsilon: float | None, adaptive: bool) -> dict[str, float | bool]:
+    """The `--dp-*` flags as run-config keys (validated with the rest of the run config)."""
+    keys = {"dp-noise": noise, "dp-clip": clip, "dp-delta": delta,
+            "dp-max-epsilon": max_epsilon, "dp-adaptive": adaptive}
+    return {k: v for k, v in keys.items() if v not in (None, False) and not (
+        k == "dp-noise" and v == 0.0)}
 
 
 def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path,

@@ -3,6 +3,8 @@
 The JSON shape is a contract with users' notebooks and with BENCHMARKS.md:
 {"runs": [{"codec", "strategy", "rounds": [{"round", "accuracy", "loss",
 "uplink_bytes", "downlink_bytes", "rejected", "seconds"}, ...]}, ...]}.
+Under differential privacy each round also has `epsilon` (spent so far, at
+`delta`), `dp_clip` and `dp_noise_std`; `privacy_spent` gives a run's last.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ def round_record(values: Mapping[str, Any]) -> dict[str, Any]:
     record = {key: values.get(key) for key in ROUND_KEYS}
     record.update({k: v for k, v in values.items() if k not in record})
     return record
+
+
+def privacy_spent(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """`epsilon` and `delta` after a run's last DP round (None for both without DP)."""
+    last = next((r for r in reversed(rounds) if r.get("epsilon") is not None), None)
+    return {"epsilon": None if last is None else round(float(last["epsilon"]), 4),
+            "delta": None if last is None else last.get("delta")}
 
 
 def write_report(out_dir: Path, runs: Sequence[RunReport], meta: Mapping[str, Any]) -> Path:

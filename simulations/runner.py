@@ -44,6 +44,7 @@ class SimulationOptions:
     data_dir: str | None = None
     downlink: str = "none"
     downlink_first_contact: str = "full"  # or "compressed": the model quantized, too
+    dp: dict[str, Any] = field(default_factory=dict)  # run-config dp-* keys (server/dp.py)
     out: Path = Path("fedge-out")
     ray_address: str | None = None  # HOST:PORT of a running Ray head; None: a fresh local Ray
 
@@ -68,6 +69,7 @@ class SimulationOptions:
         optional = {"lr": self.lr, "local-epochs": self.local_epochs,
                     "batch-size": self.batch_size, "data-dir": self.data_dir}
         config.update({k: v for k, v in optional.items() if v is not None})
+        config.update(self.dp)
         return config
 
 

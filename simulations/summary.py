@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedge.simulations.report import privacy_spent
+
 LAST_ROUNDS = 5
 
 
@@ -37,6 +39,7 @@ def run_summary(rounds: Sequence[Mapping[str, Any]], target: float) -> dict[str,
         "uplink_mb": round(sum(r.get("uplink_bytes") or 0 for r in rounds) / 1e6, 3),
         "downlink_mb": round(sum(r.get("downlink_bytes") or 0 for r in rounds) / 1e6, 3),
         "rounds": len(rounds),
+        **privacy_spent(rounds),
     }
 
 
@@ -62,7 +65,9 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     base_up = base["summary"]["uplink_mb"] if base else None
     base_down = base["summary"]["downlink_mb"] if base else None
     profiles = list(runs[0].get("profiles", {})) if runs else []
-    head = ["run", "final acc (last 5)", "vs none (pts)", "rounds to target",
+    private = any(r["summary"].get("epsilon") is not None for r in runs)
+    head = ["run", "final acc (last 5)", "vs none (pts)", *(["epsilon"] if private else []),
+            "rounds to target",
             "uplink MB", "x fewer up", "downlink MB", "x fewer down",
             *[f"time to target, {p}" for p in profiles], "wall time here"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -72,6 +77,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         delta = None if acc is None or base_acc is None else 100 * (acc - base_acc)
         cells = [
             f"`{run['codec']}`", _fmt(acc, ".4f"), _fmt(delta, "+.2f"),
+            *([_fmt(s.get("epsilon"), ".2f")] if private else []),
             _fmt(s["rounds_to_target"]), _fmt(s["uplink_mb"], ".2f"),
             _fmt(base_up / s["uplink_mb"] if base_up and s["uplink_mb"] else None, ".1f"),
             _fmt(s["downlink_mb"], ".2f"),
