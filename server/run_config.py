@@ -247,7 +247,7 @@ def parse_run_config_args(args: list[str]) -> dict[str, bool | int | float | str
     """`--run-config` values as Flower reads them: `'k1=v1 k2=v2'` (TOML values, strings
     quoted) or one TOML file. Anything that is not KEY=VALUE, and any value that is not
     a scalar, is refused (Flower's parser would drop it silently)."""
-    from fedge.server.flower_compat import RUN_CONFIG_PAIR, parse_config_args
+    from fedge.common.flower_compat import RUN_CONFIG_PAIR, parse_config_args
 
     for arg in args:
         if not arg.endswith(".toml"):
