@@ -158,13 +158,7 @@ def _parse_node_config(text: str) -> dict[str, bool | int | float | str]:
     except Exception as e:  # Flower raises ClickException, ValueError or TOMLDecodeError
         why = " ".join((getattr(e, "message", None) or str(e)).split())
         raise typer.BadParameter(why, param_hint="--node-config") from None
-    out: dict[str, bool | int | float | str] = {}
-    for key, value in parsed.items():
-        if not isinstance(value, bool | int | float | str):
-            raise typer.BadParameter(f"{key}: {value!r} is not a scalar (bool, int, float or "
-                                     "string)", param_hint="--node-config")
-        out[key] = value
-    return out
+    return dict(parsed)  # Flower's parser refuses non-scalars and flattens tables (a.b)
 
 
 def _run_inference_only(

@@ -24,6 +24,18 @@ FLAG_KEYS = {
 }
 
 
+class ChoiceOrObjectRef(click.Choice):
+    """One of `choices` (shown in help and completion), or a `module:object` reference."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        super().__init__(choices, case_sensitive=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and ":" in value:
+            return value
+        return super().convert(value, param, ctx)
+
+
 def run_command(
     state: Path = typer.Option(Path("fedge-out/coordinator"), help="State folder (SQLite, "
                                "models, TLS). Restarting with the same folder resumes the run."),
@@ -43,7 +55,7 @@ def run_command(
                                                "(default: min(2, --min-devices))."),
     round_timeout: float = typer.Option(600.0, min=0.1, help="Seconds a round waits for results; "
                                         "devices that have not answered are left out."),
-    strategy: str = typer.Option("fedavg", metavar="|".join(STRATEGIES) + "|module:object",
+    strategy: str = typer.Option("fedavg", click_type=ChoiceOrObjectRef(STRATEGIES),
                                  help="The Flower strategy of fedge's own ServerApp: a "
                                  "built-in name, or module:object naming your strategy object "
                                  "(or a zero-argument factory of one)."),
