@@ -193,3 +193,16 @@ def test_without_fedge_takes_out_two_lines_per_side(tmp_path: Path) -> None:
     assert "Compressed(" not in sources["server_app.py"]
     original = (EXAMPLE_DIR / "fmnist_example" / "server_app.py").read_text().splitlines()
     assert len(original) - len(sources["server_app.py"].splitlines()) == 2
+
+
+def test_bench_flower_at_a_tiny_size(tmp_path: Path) -> None:
+    """`fedge bench flower`'s code path: both variants run, and the figures it reports hold
+    together (the plain app's uplink is fp32, fedge's int8)."""
+    from fedge.bench.flower_bench import measure
+
+    result = measure(clients=2, rounds=1, samples=30, workdir=tmp_path)
+    with_fedge, without = result["with_fedge"], result["without_fedge"]
+    assert with_fedge["rounds"] == without["rounds"] == 1
+    assert with_fedge["uplink_vs_fp32"] <= INT8_BOUND < 1.0 <= without["uplink_vs_fp32"] < 1.01
+    assert result["uplink_ratio"] <= INT8_BOUND
+    assert result["wall_ratio"] > 0 and result["app_ratio"] > 0
