@@ -175,7 +175,7 @@ def _own_app_config(
         extra = parse_run_config_args(run_config) if run_config else {}
         config.update(extra)
         validate_run_config(config)
-        if is_object_ref(str(config["strategy"])):
+        if ":" in str(config["strategy"]):  # module:object: load and check it now
             from fedge.server.app_loading import AppRefError, load_strategy
 
             try:
@@ -222,11 +222,6 @@ def _user_app_config(
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
     return {"server-app": server_app, "round-timeout": round_timeout, **extra}
-
-
-def is_object_ref(text: str) -> bool:
-    """`module:object` rather than a built-in name (server/app_loading.py, without Flower)."""
-    return ":" in text
 
 
 def _given_flags(run_config: dict[str, Any]) -> dict[str, str]:
