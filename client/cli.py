@@ -49,8 +49,13 @@ def run_command(
     num_partitions: int | None = typer.Option(
         None, "--num-partitions", min=1, help="Node config 'num-partitions'."
     ),
-    app: str = typer.Option(DEFAULT_APP_REF, "--app", help="The ClientApp as module:attr; fedge's "
+    app: str = typer.Option(DEFAULT_APP_REF, "--app", help="The ClientApp as module:attr (e.g. "
+                            "my_app.client_app:app, found from the working directory); fedge's "
                             "own runs with the compression mod, any other as is."),
+    node_config: str = typer.Option("", "--node-config", help="Node config as flower-supernode "
+                                    "takes it: 'partition-id=0 num-partitions=2 "
+                                    "data-path=\"/data\"' (TOML values, strings in quotes); "
+                                    "over --partition-id and --num-partitions."),
     chunk_size: int | None = typer.Option(
         None, "--chunk-size", min=1, max=MAX_CHUNK,
         help="Largest chunk sent or asked for, bytes (default: the coordinator's).",
@@ -92,20 +97,22 @@ def run_command(
         raise typer.BadParameter("give --coordinator HOST:PORT, or `fedge enroll` this --data "
                                  "folder first", param_hint="--coordinator")
     _check_options(coordinator, ca, insecure, partition_id, num_partitions, app)
+    given_node_config = _parse_node_config(node_config)  # refused before the device starts
     configure_logging(log_level)
     from fedge.client.device_state import DeviceFolderError
     from fedge.client.edge_runtime import EdgeDevice
     from fedge.common.alloc import limit_heap_growth
 
     limit_heap_growth()
-    node_config: dict[str, int | str] = {"data-dir": str(data.expanduser().resolve())}
+    config: dict[str, bool | int | float | str] = {"data-dir": str(data.expanduser().resolve())}
     if partition_id is not None:
-        node_config["partition-id"] = partition_id
-        node_config["num-partitions"] = num_partitions or 1
+        config["partition-id"] = partition_id
+        config["num-partitions"] = num_partitions or 1
+    config.update(given_node_config)
     try:
         device = EdgeDevice(
             coordinator, data, ca_cert=ca, insecure=insecure,
-            name=name or socket.gethostname(), node_config=node_config,
+            name=name or socket.gethostname(), node_config=config,
             client_app_ref=app, chunk_size=chunk_size, max_backoff=max_backoff,
             credentials=credentials,
         )
@@ -132,6 +139,26 @@ def run_command(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _parse_node_config(text: str) -> dict[str, bool | int | float | str]:
+    """`--node-config` read by Flower's own parser, as `flower-supernode` reads it (exit 2 if
+    it is not KEY=VALUE pairs of TOML scalars)."""
+    if not text.strip():
+        return {}
+    from fedge.common.flower_compat import RUN_CONFIG_PAIR, parse_config_args
+
+    left = RUN_CONFIG_PAIR.sub(" ", text).split()
+    if left:
+        raise typer.BadParameter(f"{left[0]!r} is not KEY=VALUE; write 'partition-id=0 "
+                                 "num-partitions=2' (TOML values: strings in quotes)",
+                                 param_hint="--node-config")
+    try:
+        parsed = parse_config_args([text])
+    except Exception as e:  # Flower raises ClickException, ValueError or TOMLDecodeError
+        why = " ".join((getattr(e, "message", None) or str(e)).split())
+        raise typer.BadParameter(why, param_hint="--node-config") from None
+    return dict(parsed)  # Flower's parser refuses non-scalars and flattens tables (a.b)
 
 
 def _run_inference_only(
@@ -183,7 +210,8 @@ def _check_options(
 
 
 def _check_app(app: str) -> None:
-    """The app's module must exist (found, not imported: that would load torch now)."""
+    """The app's module must exist and define the attribute: found and read, not imported
+    (importing would load torch now, before the device has any work)."""
     import importlib.util
     import os
     import sys
@@ -194,11 +222,38 @@ def _check_app(app: str) -> None:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        found = importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise typer.BadParameter(f"module {module!r} not found", param_hint="--app")
+        spec = None
+    if spec is None:
+        raise typer.BadParameter(f"module {module!r} not found (run from the app's folder or "
+                                 "install its package)", param_hint="--app")
+    top = attr.split(".")[0]
+    names = _module_names(spec.origin) if spec.origin and spec.origin.endswith(".py") else {"*"}
+    if "*" not in names and top not in names:
+        raise typer.BadParameter(f"module {module!r} defines no {top!r}", param_hint="--app")
+
+
+def _module_names(path: str) -> set[str]:
+    """Names a module's source binds at its top level; `*` when it may bind any name."""
+    import ast
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return {"*"}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    if "*" in names or "__getattr__" in names:
+        return {"*"}
+    return names
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ Used from flwr 1.42:
   `error_to_proto`: a task is sent as two pre-serialized parts (the content,
   shared by every device of a round, and each device's metadata), see
   `message_parts`.
+- `flwr.common.config.parse_config_args`: Flower's own parser of
+  `--run-config` and `--node-config` (`'k1=v1 k2=v2'` with TOML values, or a
+  TOML file), so fedge reads them as `flwr run` and `flower-supernode` do.
 - `flwr.common.constant.ErrorCode`, and `Metadata._message_id` (ids are
   assigned by the link, not the sender; Flower's grids write
   `msg.metadata.__dict__["_message_id"]`).
@@ -26,7 +29,10 @@ Used from flwr 1.42:
 
 from __future__ import annotations
 
+import re
+
 from flwr.app import Context, Error, Message, Metadata
+from flwr.common.config import parse_config_args
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import (
     context_from_proto,
@@ -40,6 +46,7 @@ from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 
 __all__ = [
+    "RUN_CONFIG_PAIR",
     "ErrorCode",
     "ProtoMessage",
     "context_from_bytes",
@@ -49,11 +56,16 @@ __all__ = [
     "message_from_parsed",
     "message_parts",
     "message_to_bytes",
+    "parse_config_args",
     "parse_message",
     "parsed_metadata",
     "recorddict_to_proto",
     "set_message_id",
 ]
+
+
+#: one KEY=VALUE pair as `parse_config_args` finds them (flwr/common/config.py)
+RUN_CONFIG_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 
 def message_to_bytes(message: Message) -> bytes:

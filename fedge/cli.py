@@ -199,3 +199,18 @@ def bench_inference(
     from fedge.bench.inference_bench import main
 
     main(json_output=json_output, cache=cache, threads=threads)
+
+
+@bench_app.command("flower")
+def bench_flower(
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object and nothing else."
+    ),
+    clients: int = typer.Option(4, min=1, help="Simulated clients (num-supernodes)."),
+    rounds: int = typer.Option(3, min=1, help="Federated rounds."),
+    samples: int = typer.Option(300, min=1, help="Training examples per client."),
+) -> None:
+    """The example Flower app on Flower's simulation runtime with and without fedge's lines."""
+    from fedge.bench.flower_bench import main
+
+    main(json_output=json_output, clients=clients, rounds=rounds, samples=samples)

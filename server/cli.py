@@ -24,6 +24,18 @@ FLAG_KEYS = {
 }
 
 
+class ChoiceOrObjectRef(click.Choice):
+    """One of `choices` (shown in help and completion), or a `module:object` reference."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        super().__init__(choices, case_sensitive=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and ":" in value:
+            return value
+        return super().convert(value, param, ctx)
+
+
 def run_command(
     state: Path = typer.Option(Path("fedge-out/coordinator"), help="State folder (SQLite, "
                                "models, TLS). Restarting with the same folder resumes the run."),
@@ -43,8 +55,13 @@ def run_command(
                                                "(default: min(2, --min-devices))."),
     round_timeout: float = typer.Option(600.0, min=0.1, help="Seconds a round waits for results; "
                                         "devices that have not answered are left out."),
-    strategy: str = typer.Option("fedavg", help="The Flower strategy.",
-                                 click_type=click.Choice(STRATEGIES, case_sensitive=False)),
+    strategy: str = typer.Option("fedavg", click_type=ChoiceOrObjectRef(STRATEGIES),
+                                 help="The Flower strategy of fedge's own ServerApp: a "
+                                 "built-in name, or module:object naming your strategy object "
+                                 "(or a zero-argument factory of one)."),
+    server_app: str = typer.Option("", "--server-app", help="Run your own Flower ServerApp "
+                                   "(module:app, e.g. my_app.server_app:app) instead of "
+                                   "fedge's; its settings come from --run-config alone."),
     chunk_size: int = typer.Option(1 << 20, min=1, max=2 << 20, help="Transfer chunk, bytes."),
     max_result_bytes: int = typer.Option(256 << 20, min=1, help="Largest result accepted, bytes."),
     heartbeat_interval: float = typer.Option(5.0, min=0.1, help="Device heartbeat, seconds."),
@@ -78,27 +95,20 @@ def run_command(
 ) -> None:
     """Serve a federation: devices join over gRPC (TLS), the ServerApp runs the rounds."""
     import asyncio
+    import os
     import signal
+    import sys
 
-    from fedge.server.run_config import RunConfigError, parse_run_config_args, validate_run_config
-
-    config: dict[str, Any] = {
-        "task": task,
-        "codec": codec,
-        "strategy": strategy,
-        "num-rounds": rounds,
-        "min-train-nodes": min_train_nodes or min(2, min_devices),
-        "round-timeout": round_timeout,
-    }
-    extra: dict[str, Any] = {}
-    try:  # before anything is started or stored
-        extra = parse_run_config_args(run_config) if run_config else {}
-        config.update(extra)
-        validate_run_config(config)
-    except RunConfigError as e:
-        flags = {k: v for k, v in FLAG_KEYS.items() if k not in extra}
-        typer.echo(f"Error: {e.line(flags)}", err=True)
-        raise typer.Exit(2) from None
+    if os.getcwd() not in sys.path:  # module:object refs name the user's modules, as flwr does
+        sys.path.insert(0, os.getcwd())
+    if server_app:
+        config = _user_app_config(server_app, run_config, round_timeout, continuous)
+        extra = {k: v for k, v in config.items() if k != "round-timeout"}
+    else:
+        config, extra = _own_app_config(
+            task, codec, strategy, rounds, min_train_nodes or min(2, min_devices), round_timeout,
+            run_config,
+        )
 
     from fedge.server.continuous import ContinuousSettings
     from fedge.server.coordinator import Coordinator, CoordinatorOptions
@@ -113,7 +123,8 @@ def run_command(
         insecure=insecure,
         enroll_port=enroll_port,
         run_config=config,
-        given_flags=_given_flags(extra),
+        given_flags={**_given_flags(extra), **({"server-app": "--server-app"} if server_app
+                                                else {})},
         min_devices=min_devices,
         chunk_size=chunk_size,
         max_result_bytes=max_result_bytes,
@@ -155,6 +166,71 @@ def run_command(
     code = asyncio.run(main())
     if code:
         raise typer.Exit(code)
+
+
+def _own_app_config(
+    task: str, codec: str, strategy: str, rounds: int, min_train_nodes: int,
+    round_timeout: float, run_config: list[str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """fedge's own ServerApp's run config from the flags and --run-config (exit 2 if bad)."""
+    from fedge.server.run_config import RunConfigError, parse_run_config_args, validate_run_config
+
+    config: dict[str, Any] = {
+        "task": task, "codec": codec, "strategy": strategy, "num-rounds": rounds,
+        "min-train-nodes": min_train_nodes, "round-timeout": round_timeout,
+    }
+    extra: dict[str, Any] = {}
+    try:  # before anything is started or stored
+        extra = parse_run_config_args(run_config) if run_config else {}
+        config.update(extra)
+        validate_run_config(config)
+        if ":" in str(config["strategy"]):  # module:object: load and check it now
+            from fedge.server.app_loading import AppRefError, load_strategy
+
+            try:
+                load_strategy(str(config["strategy"]))
+            except AppRefError as e:
+                raise RunConfigError("strategy", str(e)) from None
+    except RunConfigError as e:
+        flags = {k: v for k, v in FLAG_KEYS.items() if k not in extra}
+        typer.echo(f"Error: {e.line(flags)}", err=True)
+        raise typer.Exit(2) from None
+    return config, extra
+
+
+def _user_app_config(
+    server_app: str, run_config: list[str], round_timeout: float, continuous: bool
+) -> dict[str, Any]:
+    """A user's ServerApp's run config: --run-config as given (the app reads its own keys).
+
+    fedge's own flags (`--task`, `--codec`, ...) would be silently ignored, so
+    they are refused; so is an app that does not load (exit 2, one line).
+    """
+    from click.core import ParameterSource
+
+    from fedge.server.run_config import RunConfigError, parse_run_config_args
+
+    ctx = click.get_current_context()
+    own = [flag for key, flag in FLAG_KEYS.items() if key != "round-timeout"
+           and ctx.get_parameter_source(flag[2:].replace("-", "_")) != ParameterSource.DEFAULT]
+    own += ["--continuous"] if continuous else []
+    if own:
+        typer.echo(f"Error: {own[0]} sets fedge's own ServerApp; with --server-app give your "
+                   "app's settings in --run-config (or drop --server-app)", err=True)
+        raise typer.Exit(2)
+    try:
+        extra = parse_run_config_args(run_config) if run_config else {}
+    except RunConfigError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    from fedge.server.app_loading import AppRefError, load_server_app
+
+    try:
+        load_server_app(server_app)
+    except AppRefError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    return {"server-app": server_app, "round-timeout": round_timeout, **extra}
 
 
 def _given_flags(run_config: dict[str, Any]) -> dict[str, str]:

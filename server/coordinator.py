@@ -22,6 +22,9 @@ composition root: every part is built there, in this order, and a
   a thread on the `GrpcGrid` once `min_devices` devices are live. Each round
   ends in `RoundKeeper.persist` (`round_keeper.py`): closed, its model
   written, committed durably, then promoted (or gated, `--continuous`).
+  A user's own ServerApp (`--server-app module:app`, run config key
+  `server-app`) runs the same way with the run config as its context's; its
+  rounds are recorded from what the Grid saw (`app_rounds.py`).
 - **End.** The run is marked completed and the process exits 0, or keeps
   serving (`keep_serving`) until stopped. A run in which no round
   aggregated anything exits 1 with the first device error in one line.
@@ -61,9 +64,9 @@ from fedge.server.metrics import Metrics
 from fedge.server.model_store import ModelStore
 from fedge.server.registry import Registry
 from fedge.server.result_intake import ResultIntake
-from fedge.server.round_keeper import RoundKeeper
+from fedge.server.round_keeper import RoundAudit, RoundKeeper
 from fedge.server.round_metrics import RoundMetrics
-from fedge.server.run_plan import RunPlan, StartRefused, plan_run
+from fedge.server.run_plan import SERVER_APP_KEY, RunPlan, StartRefused, plan_run
 from fedge.server.store import RoundStatus, RunStatus, Store
 from fedge.server.tls import TlsPaths, ensure_server_tls, server_credentials
 from fedge.v1 import coordinator_pb2_grpc as pb_grpc
@@ -77,7 +80,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
-SERVER_ONLY_KEYS = ("report-path", "first-round", "initial-model")
+SERVER_ONLY_KEYS = ("report-path", "first-round", "initial-model", SERVER_APP_KEY)
 """Run-config keys the ServerApp alone reads; devices do not receive them."""
 
 DEFAULT_ENROLL_PORT = 9095
@@ -283,7 +286,8 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[RunOutcome] = loop.create_future()
         num_rounds = int(self.run_config.get("num-rounds", 3))
-        if self.first_round > num_rounds and self.options.continuous is None:
+        own_rounds = self.options.continuous is not None or SERVER_APP_KEY in self.run_config
+        if self.first_round > num_rounds and not own_rounds:
             self.store.set_run_status(self.run_id, RunStatus.COMPLETED)
             self.out(f"run {self.run_id}: already finished ({num_rounds} rounds)")
             ended.set_result("finished")
@@ -350,7 +354,12 @@ class Coordinator:
 
         from fedge.server.server_app import make_server_app
 
-        app = make_server_app(on_round_end=[self.keeper.persist], listeners=[self._print_round])
+        if self.run_config.get(SERVER_APP_KEY):
+            return self._run_user_app(str(self.run_config[SERVER_APP_KEY]))
+        app = make_server_app(
+            on_round_end=[self.keeper.persist],
+            listeners=[lambda r: self._print_round(r, self.keeper.audit(r.round))],
+        )
         if self.options.continuous is not None:
             return self._run_continuous(app, self.options.continuous)
         config = {
@@ -376,6 +385,41 @@ class Coordinator:
                      f"{self._first_error()}")
             return "idle"
         self.out(f"run {self.run_id}: finished ({num_rounds} rounds, model {self.model_version})")
+        return "finished"
+
+    def _run_user_app(self, ref: str) -> RunOutcome:
+        """A user's own ServerApp on the Grid; its rounds are recorded by `AppRounds`."""
+        from flwr.app import Context, RecordDict
+
+        from fedge.server.app_loading import load_server_app
+        from fedge.server.app_rounds import AppRounds
+
+        app = load_server_app(ref)  # checked by the CLI before anything started
+        rounds = AppRounds(
+            self.store, self.grid, self.metrics, run_id=self.run_id,
+            model_version=self.model_version, listeners=(self._print_round,),
+        )
+        rounds.attach()
+        need = self.options.min_devices
+        self.out(f"waiting for {need} device(s) to join")
+        nodes = self.grid.wait_for_nodes(need)
+        self.out(f"{len(nodes)} device(s) live; ServerApp {ref} starts")
+        context = Context(
+            run_id=self.run_id, node_id=0, node_config={}, state=RecordDict(),
+            run_config=app_run_config(self.run_config),
+        )
+        try:
+            app(self.grid, context)
+        finally:
+            if not self.grid.stopped:
+                rounds.close_all()
+        self.store.set_run_status(self.run_id, RunStatus.COMPLETED)
+        if not self._aggregated_anything():
+            self.out(f"run {self.run_id}: FAILED: no round got an accepted train result; "
+                     f"{self._first_error()}")
+            return "idle"
+        done = len(self.store.list_rounds(self.run_id))
+        self.out(f"run {self.run_id}: finished ({done} rounds of ServerApp {ref})")
         return "finished"
 
     def _run_continuous(self, app: ServerApp, settings: ContinuousSettings) -> RunOutcome:
@@ -442,12 +486,12 @@ class Coordinator:
                     f"({timeout} s)")
         return "no device was given a task"
 
-    def _print_round(self, record: RoundMetrics) -> None:
-        audit = self.keeper.audit(record.round)
+    def _print_round(self, record: RoundMetrics, audit: RoundAudit) -> None:
         num_rounds = int(self.run_config.get("num-rounds", 3))
         acc = "n/a" if record.accuracy is None else f"{record.accuracy:.4f}"
         rejected = f", {record.rejected} rejected" if record.rejected else ""
-        total = "" if self.options.continuous else f"/{num_rounds}"
+        own_rounds = self.options.continuous or self.run_config.get(SERVER_APP_KEY)
+        total = "" if own_rounds else f"/{num_rounds}"
         self.out(
             f"round {record.round}{total}: accuracy {acc}, "
             f"uplink {_size(record.uplink_bytes)}, downlink {_size(record.downlink_bytes)}, "
@@ -477,10 +521,19 @@ def _plan(options: CoordinatorOptions, state_dir: Path) -> RunPlan:
     with Store.open(db) as store:
         models = ModelStore(state_dir / "models")
         current = Registry(store, models).current() if options.continuous else None
-        return plan_run(
+        plan = plan_run(
             store, models, options.run_config, new_run=options.new_run,
             given_flags=options.given_flags, current=current, state_dir=state_dir,
         )
+    app = plan.config.get(SERVER_APP_KEY)
+    if app and plan.resumed_after:  # its model and strategy state live in the app's process
+        raise StartRefused(
+            "app_not_resumable",
+            f"run {plan.run_id} in {state_dir} ran ServerApp {app} to round "
+            f"{plan.resumed_after}; a user's own ServerApp cannot resume mid-run: add "
+            "--new-run to start it again",
+        )
+    return plan
 
 
 async def _serve(
@@ -604,6 +657,11 @@ def _hostnames(options: CoordinatorOptions) -> list[str]:
         if name not in names:
             names.append(name)
     return names
+
+
+def app_run_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config a user's own ServerApp reads: its `--run-config`, without fedge's key."""
+    return {k: v for k, v in config.items() if k != SERVER_APP_KEY}
 
 
 def device_run_config(config: Mapping[str, Any]) -> dict[str, Any]:

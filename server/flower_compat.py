@@ -16,8 +16,6 @@ Server-only internals, and where they live in flwr 1.42:
   `simulation/run_simulation.py` (task_id=1, node_id=SUPERLINK_NODE_ID).
 - `flwr.supercore.run.Run`: what `Grid.set_run` takes.
 - `flwr.common.constant.SUPERLINK_NODE_ID`.
-- `flwr.common.config.parse_config_args`: Flower's own `--run-config`
-  parser (`'k1=v1 k2=v2'` with TOML values, or a TOML file).
 - `flwr.simulation.run_simulation._run_simulation`: the simulation engine
   `flwr run`'s `flwr-simulation` process calls (`simulation/app.py`), without
   the deprecated `run_simulation` wrapper; `run_simulation_engine` below
@@ -26,10 +24,8 @@ Server-only internals, and where they live in flwr 1.42:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from flwr.common.config import parse_config_args
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -53,12 +49,6 @@ def make_run(run_id: int, run_config: dict | None = None) -> Run:
     run.override_config = dict(run_config or {})
     run.primary_task_id = 1
     return run
-
-
-#: one KEY=VALUE pair as `parse_config_args` finds them (flwr/common/config.py)
-RUN_CONFIG_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
-
-__all__ += ["RUN_CONFIG_PAIR", "parse_config_args"]
 
 
 def run_simulation_engine(

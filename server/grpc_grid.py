@@ -124,6 +124,11 @@ class GrpcGrid(RunGrid):
         # round -> task id -> (device id, message type): who was asked, for the audit lists
         self._round_tasks: dict[int, dict[str, tuple[str, str]]] = {}
         self._stopped = threading.Event()
+        # bytes of the tasks pushed per round (what a foreign ServerApp's round record shows)
+        self.sent_bytes: dict[int, int] = {}
+        # called with a round when the next one opens (the coordinator records a foreign
+        # ServerApp's rounds there; fedge's own app commits its rounds in RoundKeeper)
+        self.round_closed: Callable[[int], None] | None = None
         set_task_identity(run_id)
 
     # ------------------------------------------------------------ Grid API
@@ -259,6 +264,9 @@ class GrpcGrid(RunGrid):
                 entry.device_id,
                 md.message_type,
             )
+            self.sent_bytes[server_round] = (
+                self.sent_bytes.get(server_round, 0) + len(content) + len(rest)
+            )
             self.fleet.add_task(
                 TaskPayload(
                     task_id=task_id,
@@ -304,6 +312,8 @@ class GrpcGrid(RunGrid):
         previous, self._open_round = self._open_round, max(self._open_round, server_round)
         if previous and previous < server_round:
             self.end_round(previous)
+            if self.round_closed is not None:
+                self.round_closed(previous)
 
     def _on_result(self, task_id: str, path: Path, parsed: Any, size: int) -> None:
         """Called by the fleet (under its lock) when a result is accepted."""

@@ -181,6 +181,25 @@ def _dp(config: Mapping[str, Any]) -> None:
                              f"needs the plain mean ({', '.join(DP_STRATEGIES)})")
 
 
+def _strategy(config: Mapping[str, Any]) -> None:
+    """A built-in strategy's name, or `module:object` whose module can be found (the object
+    itself is loaded and checked where it is used: `server/app_loading.py`)."""
+    raw = config.get("strategy", "fedavg")
+    if isinstance(raw, str) and ":" in raw:
+        module, _, attr = raw.strip().partition(":")
+        try:
+            found = bool(module) and importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found or not attr:
+            why = f"no module {module!r} on the Python path" if not found else "no object"
+            raise RunConfigError("strategy", f"{raw!r}: {why}; give one of "
+                                 f"{', '.join(STRATEGIES)} or module:object naming a Flower "
+                                 "strategy")
+        return
+    _choice(config, "strategy", "fedavg", STRATEGIES)
+
+
 def _task_reference(config: Mapping[str, Any]) -> str:
     """The task's name; a `module:object` whose module cannot be found is refused here."""
     raw = config.get("task", "digits")
@@ -240,7 +259,7 @@ def validate_run_config(
                                  "string)")
     from fedge.common.partition import PARTITIONERS  # numpy: not at import, the CLI loads this
 
-    _choice(config, "strategy", "fedavg", STRATEGIES)
+    _strategy(config)
     _choice(config, "partition", "iid", PARTITIONERS)
     check_codec("codec", config.get("codec", "none"))
     hook_lr = config.get(f"lr-round-{config.get('first-round')}")
@@ -263,7 +282,7 @@ def parse_run_config_args(args: list[str]) -> dict[str, bool | int | float | str
     """`--run-config` values as Flower reads them: `'k1=v1 k2=v2'` (TOML values, strings
     quoted) or one TOML file. Anything that is not KEY=VALUE, and any value that is not
     a scalar, is refused (Flower's parser would drop it silently)."""
-    from fedge.server.flower_compat import RUN_CONFIG_PAIR, parse_config_args
+    from fedge.common.flower_compat import RUN_CONFIG_PAIR, parse_config_args
 
     for arg in args:
         if not arg.endswith(".toml"):

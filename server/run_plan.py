@@ -29,6 +29,9 @@ from fedge.server.store import RunStatus, Store
 
 _MISSING = object()
 
+SERVER_APP_KEY = "server-app"
+"""The run-config key of a run of a user's own ServerApp (`--server-app module:app`)."""
+
 
 class StartRefused(ReasonError):
     """The coordinator will not start; `str(e)` is the one line the user reads (exit 2).
@@ -103,7 +106,9 @@ def plan_run(
             resumed_after=run.current_round,
         )
     config = dict(run_config)
-    snapshot = initial_snapshot(str(config.get("task", "digits")))
+    app = config.get(SERVER_APP_KEY)
+    task = str(config.get("task", "digits"))
+    snapshot = app_snapshot(str(app)) if app else initial_snapshot(task)
     return RunPlan(
         run_id=_new_run_id(store),
         config=config,
@@ -161,6 +166,14 @@ def initial_snapshot(task_ref: str) -> bytes:
     return snapshot_bytes(model_to_arrays(resolve_task(task_ref).make_model()), task_ref)
 
 
+def app_snapshot(server_app: str) -> bytes:
+    """A foreign ServerApp's round 0: an empty snapshot naming the app (server/app_rounds.py).
+    The app keeps its own model; fedge stores none of it."""
+    from fedge.server.round_keeper import snapshot_bytes
+
+    return snapshot_bytes({}, f"server-app {server_app}")
+
+
 def _new_run_id(store: Store | None) -> int:
     while True:
         run_id = secrets.randbits(63)
@@ -173,5 +186,5 @@ def _value(v: Any) -> str:
 
 
 def _describe(config: Mapping[str, Any]) -> str:
-    keys = ("task", "codec", "strategy", "num-rounds", "round-timeout")
+    keys = (SERVER_APP_KEY, "task", "codec", "strategy", "num-rounds", "round-timeout")
     return ", ".join(f"{k} {config[k]}" for k in keys if k in config)

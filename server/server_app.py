@@ -5,7 +5,8 @@ Flower's deployment engine and fedge's coordinator. Its settings come from the
 run config (`flwr run --run-config`, or the coordinator's config), over the
 defaults given to `make_server_app(config)`, over `DEFAULTS`:
 
-`task`, `strategy` (fedavg|fedprox|fedadam|fedyogi|fedmedian|fedtrimmedavg|krum),
+`task`, `strategy` (fedavg|fedprox|fedadam|fedyogi|fedmedian|fedtrimmedavg|krum, or
+`module:object` naming a Flower strategy object or a zero-argument factory of one),
 `codec`, `num-rounds`, `fraction-train`, `min-train-nodes`, `fraction-evaluate`,
 `min-evaluate-nodes`, `lr`, `local-epochs`, `batch-size`, `proximal-mu`
 (FedProx only), `server-lr` (FedAdam/FedYogi's eta), `trim-beta`,
@@ -56,6 +57,7 @@ from fedge.common.snapshot import snapshot_to_arrays
 from fedge.common.task import Task, resolve_task
 from fedge.common.training import evaluate
 from fedge.common.update_codec import DEFAULT_MAX_UPDATE_BYTES
+from fedge.server.app_loading import is_object_ref, load_strategy
 from fedge.server.compressed_strategy import CompressedStrategy
 from fedge.server.downlink import downlink_from_config
 from fedge.server.dp import dp_from_config
@@ -121,9 +123,10 @@ class ServerConfig:
         cfg = cls(**values)
         if cfg.first_round < 1:
             raise ValueError(f"run config 'first-round' must be at least 1, got {cfg.first_round}")
-        if cfg.strategy.lower() not in STRATEGIES:
+        if cfg.strategy.lower() not in STRATEGIES and not is_object_ref(cfg.strategy):
             raise ValueError(
-                f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+                f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)} "
+                "or module:object naming a Flower Strategy"
             )
         return cfg
 
@@ -344,7 +347,8 @@ def make_server_app(
         random.seed(cfg.seed)  # Flower's node sampling uses `random`: same seed, same clients
         task = resolve_task(cfg.task)
         strategy = CompressedStrategy(
-            strategy_factory(cfg),
+            # `module:object` names the user's own strategy object (server/app_loading.py)
+            load_strategy(cfg.strategy) if is_object_ref(cfg.strategy) else strategy_factory(cfg),
             cfg.codec,
             max_update_bytes=cfg.max_update_bytes,
             run_id=str(context.run_id),
