@@ -1,0 +1,561 @@
+"""The coordinator's side of secure aggregation: four exchanges per round, only the sum learned.
+
+`run_secagg_round(grid, train_messages, config)` turns one round of train
+messages (as any strategy's `configure_train` builds them) into the SecAgg+
+exchange of `fedge.common.secagg_protocol` over any Flower `Grid`, and returns
+the global model plus the mean of the survivors' quantized deltas. It sees
+public keys, encrypted share bundles, masked words and, at the end, the
+shares it needs to remove masks: never one device's update.
+
+`SecAggStrategy(FedAvg(...), SecAggConfig(clip=...))` wraps any Message-API
+strategy: its train round goes through `run_secagg_round`, and the wrapped
+strategy aggregates one reply holding the securely aggregated model (weight:
+the survivors' total examples), so sampling, evaluation and the rest of
+`Strategy.start` stay the wrapped strategy's.
+
+Dropouts: a device that vanishes after its masked input is unmasked from its
+neighbours' shares of its `s` key; the round completes with the exact sum of
+the rest, as long as every affected device keeps `threshold` live neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from fedge.common import secagg_crypto as sc
+from fedge.common import secagg_protocol as sp
+from fedge.common.arrays import arrays_to_record
+from fedge.common.flower_compat import message_to_bytes
+from fedge.common.records import config_record, model_record, records_of
+from fedge.common.secagg_errors import SecAggRefused
+from fedge.common.secagg_ring import RingSpec, ring_sum_to_float, unpack_words
+
+log = logging.getLogger(__name__)
+
+ClipChoice = float | Sequence[float] | Callable[[int, dict[str, np.ndarray]], Sequence[float]]
+
+
+@dataclass
+class SecAggConfig:
+    """A secure-aggregation round's public parameters.
+
+    `clip`: the clipping range of each float tensor's delta (one number for
+    all, one per tensor in model order, or a callable (round, global arrays)
+    -> ranges, e.g. derived from the previous round's public aggregate).
+    `degree`/`threshold`: neighbours per device and shares needed (defaults:
+    2 ceil(log2 n) + 2, and a majority of them). `error_feedback`: devices
+    carry what the shared-scale quantizer dropped into their next round.
+    """
+
+    clip: ClipChoice = 0.05
+    bits: int = 8
+    degree: int | None = None
+    threshold: int | None = None
+    error_feedback: bool = False
+    timeout: float | None = None
+    #: the smallest number of survivors a round may release a sum of
+    min_survivors: int = 2
+
+
+@dataclass
+class StageTraffic:
+    """Bytes of Flower protobuf per stage: down (coordinator to devices) and up."""
+
+    down: int = 0
+    up: int = 0
+    replies: int = 0
+
+
+@dataclass
+class SecAggResult:
+    """The outcome of one secure-aggregation round."""
+
+    arrays: ArrayRecord
+    delta_sum: np.ndarray
+    survivors: list[int]
+    dropped: list[int]
+    num_examples: int
+    metrics: MetricRecord
+    refused: Counter[str] = field(default_factory=Counter)
+    traffic: dict[str, StageTraffic] = field(default_factory=dict)
+    server_seconds: float = 0.0
+    round_trips: int = 4
+
+
+@dataclass
+class _Peer:
+    node_id: int
+    index: int
+    c_pk: bytes = b""
+    s_pk: bytes = b""
+    neighbours: list[int] = field(default_factory=list)
+    commit: bytes = b""
+    inbox: list[tuple[int, bytes]] = field(default_factory=list)
+    masked_with: list[int] = field(default_factory=list)
+
+
+def _clip_ranges(clip: ClipChoice, server_round: int, arrays: dict[str, np.ndarray]) -> list[float]:
+    names = [k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating)]
+    if callable(clip):
+        ranges = [float(c) for c in clip(server_round, arrays)]
+    elif isinstance(clip, int | float):
+        ranges = [float(clip)] * len(names)
+    else:
+        ranges = [float(c) for c in clip]
+    if len(ranges) != len(names) or any(not (c > 0 and np.isfinite(c)) for c in ranges):
+        raise SecAggRefused(
+            "bad_config", f"need {len(names)} positive clipping ranges, got {len(ranges)}"
+        )
+    return ranges
+
+
+def _send(
+    grid: Grid,
+    messages: list[Message],
+    stage: str,
+    traffic: dict[str, StageTraffic],
+    timeout: float | None,
+) -> Iterable[tuple[Message, bytes | None]]:
+    """Send one stage's messages; yield (reply, None) or (reply, error reason)."""
+    t = traffic.setdefault(stage, StageTraffic())
+    for m in messages:
+        t.down += len(message_to_bytes(m))
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        t.up += len(message_to_bytes(reply))
+        t.replies += 1
+        yield reply, (reply.error.reason.encode() if reply.has_error() else None)
+
+
+def _secagg_fields(reply: Message) -> ConfigRecord | None:
+    return records_of(reply.content, ConfigRecord).get(sp.SECAGG_RECORD)
+
+
+def run_secagg_round(
+    grid: Grid,
+    train_messages: Sequence[Message],
+    config: SecAggConfig,
+    *,
+    server_round: int = 0,
+) -> SecAggResult:
+    """One secure-aggregation round over `grid` for the given train messages.
+
+    Raises SecAggRefused when too few devices survive to release a sum.
+    """
+    started = time.perf_counter()
+    client_wait = 0.0
+    refused: Counter[str] = Counter()
+    traffic: dict[str, StageTraffic] = {}
+    if not train_messages:
+        raise SecAggRefused("bad_config", "no train messages")
+    found = model_record(train_messages[0].content)
+    if found is None:
+        raise SecAggRefused("bad_config", "the train message carries no model")
+    global_arrays = {k: a.numpy() for k, a in found[1].items()}
+    clip = _clip_ranges(config.clip, server_round, global_arrays)
+    n = len(train_messages)
+    spec = RingSpec(config.bits, n)
+    degree = config.degree if config.degree is not None else sp.default_degree(n)
+    threshold = config.threshold if config.threshold is not None else sp.default_threshold(degree)
+    nonce = os.urandom(8)
+    run_id = grid.run.run_id
+    tag = sp.round_tag(run_id, server_round, nonce)
+    graph = sp.neighbour_graph(n, degree, int.from_bytes(nonce, "big"))
+    peers = {
+        m.metadata.dst_node_id: _Peer(m.metadata.dst_node_id, i)
+        for i, m in enumerate(train_messages)
+    }
+    by_index = {p.index: p for p in peers.values()}
+    base = {sp.ROUND_TAG: tag}
+
+    def stage_msg(
+        peer: _Peer, stage: str, fields: dict, content: RecordDict | None = None
+    ) -> Message:
+        rec = ConfigRecord({**base, sp.STAGE: stage, **fields})
+        body = content if content is not None else RecordDict()
+        body[sp.SECAGG_RECORD] = rec
+        return Message(body, peer.node_id, MessageType.TRAIN)
+
+    def timed_replies(msgs: list[Message], stage: str) -> list[tuple[_Peer, Message]]:
+        nonlocal client_wait
+        out = []
+        t0 = time.perf_counter()
+        for reply, err in _send(grid, msgs, stage, traffic, config.timeout):
+            peer = peers.get(reply.metadata.src_node_id)
+            if peer is None:
+                refused["unknown_node"] += 1
+            elif err is not None:
+                refused[f"{stage}:device_error"] += 1
+            else:
+                out.append((peer, reply))
+        client_wait += time.perf_counter() - t0
+        return out
+
+    # 1. advertise keys
+    msgs = [
+        stage_msg(
+            p,
+            sp.ADVERTISE,
+            {sp.INDEX: p.index, sp.CLIENTS: n, sp.BITS: config.bits, sp.THRESHOLD: threshold},
+        )
+        for p in peers.values()
+    ]
+    u0: set[int] = set()
+    for peer, reply in timed_replies(msgs, sp.ADVERTISE):
+        f = _secagg_fields(reply)
+        c_pk = f.get(sp.C_PK) if f else None
+        s_pk = f.get(sp.S_PK) if f else None
+        if not (
+            isinstance(c_pk, bytes) and isinstance(s_pk, bytes) and len(c_pk) == len(s_pk) == 32
+        ):
+            refused["advertise:bad_key"] += 1
+            continue
+        peer.c_pk, peer.s_pk = c_pk, s_pk
+        u0.add(peer.index)
+
+    # 2. share keys
+    msgs = []
+    for i in sorted(u0):
+        p = by_index[i]
+        p.neighbours = [j for j in graph[i] if j in u0]
+        msgs.append(
+            stage_msg(
+                p,
+                sp.SHARE_KEYS,
+                {
+                    sp.NEIGHBOURS: p.neighbours,
+                    sp.C_PKS: [by_index[j].c_pk for j in p.neighbours],
+                    sp.S_PKS: [by_index[j].s_pk for j in p.neighbours],
+                },
+            )
+        )
+    u1: set[int] = set()
+    outbox: dict[int, list[tuple[int, bytes]]] = {}
+    for peer, reply in timed_replies(msgs, sp.SHARE_KEYS):
+        f = _secagg_fields(reply)
+        to = f.get(sp.TO) if f else None
+        bundles = f.get(sp.BUNDLES) if f else None
+        commit = f.get(sp.COMMIT) if f else None
+        if (
+            to != peer.neighbours
+            or not isinstance(bundles, list)
+            or len(bundles) != len(peer.neighbours)
+            or not all(isinstance(b, bytes) for b in bundles)
+            or not isinstance(commit, bytes)
+            or len(commit) != 32
+        ):
+            refused["share-keys:malformed"] += 1
+            continue
+        peer.commit = commit
+        outbox[peer.index] = list(zip(peer.neighbours, bundles, strict=True))
+        u1.add(peer.index)
+    for i in u1:
+        for j, bundle in outbox[i]:
+            if j in u1:
+                by_index[j].inbox.append((i, bundle))
+
+    # 3. masked input: the train message itself, plus the shares addressed to each device
+    train_by_node = {m.metadata.dst_node_id: m for m in train_messages}
+    msgs = []
+    for i in sorted(u1):
+        p = by_index[i]
+        p.masked_with = [s for s, _ in p.inbox]
+        content = RecordDict(dict(train_by_node[p.node_id].content.items()))
+        msgs.append(
+            stage_msg(
+                p,
+                sp.MASKED_INPUT,
+                {
+                    sp.FROM: p.masked_with,
+                    sp.BUNDLES: [b for _, b in p.inbox],
+                    sp.CLIP: clip,
+                    sp.ERROR_FEEDBACK: config.error_feedback,
+                },
+                content,
+            )
+        )
+    total_words = sum(a.size for a in global_arrays.values() if np.issubdtype(a.dtype, np.floating))
+    acc = np.zeros(total_words, spec.dtype)
+    u2: list[int] = []
+    metrics: list[tuple[int, MetricRecord]] = []
+    for peer, reply in timed_replies(msgs, sp.MASKED_INPUT):
+        try:
+            words, reply_metrics, examples = _masked_words(reply, total_words, spec)
+        except SecAggRefused as exc:
+            refused[f"masked-input:{exc.reason}"] += 1
+            continue
+        acc += words
+        u2.append(peer.index)
+        metrics.append((examples, reply_metrics))
+    survivors = sorted(u2)
+    dropped = sorted(u1 - set(u2))
+    if len(survivors) < config.min_survivors:
+        raise SecAggRefused("too_few_neighbours", f"{len(survivors)} masked inputs arrived")
+
+    # 4. unmask
+    msgs = [
+        stage_msg(by_index[i], sp.UNMASK, {sp.SURVIVORS: survivors, sp.DROPPED: dropped})
+        for i in survivors
+    ]
+    seed_points: dict[int, list[tuple[int, bytes]]] = {i: [] for i in survivors}
+    key_points: dict[int, list[tuple[int, bytes]]] = {i: [] for i in dropped}
+    for peer, reply in timed_replies(msgs, sp.UNMASK):
+        f = _secagg_fields(reply)
+        try:
+            pairs = _unmask_shares(f, peer, set(survivors), set(dropped))
+        except SecAggRefused as exc:
+            refused[f"unmask:{exc.reason}"] += 1
+            continue
+        for target, share, is_key in pairs:
+            (key_points if is_key else seed_points)[target].append(
+                (sp.share_point(peer.index), share)
+            )
+
+    t_unmask = time.perf_counter()
+    mask_bits = spec.word_bits
+    for i in survivors:
+        p = by_index[i]
+        seed = _reconstruct(
+            seed_points[i],
+            threshold,
+            sc.SEED_BYTES,
+            lambda s, p=p: sc.commitment(s, tag, p.index) == p.commit,
+        )
+        acc -= sc.expand_mask(seed, total_words, mask_bits)
+    survivor_set = set(survivors)
+    for d in dropped:
+        pd = by_index[d]
+        s_sk = _reconstruct(
+            key_points[d], threshold, sc.KEY_BYTES, lambda s, pd=pd: sc.public_key(s) == pd.s_pk
+        )
+        for j in survivor_set:
+            pj = by_index[j]
+            if d not in pj.masked_with:
+                continue
+            lo, hi = min(d, j), max(d, j)
+            pair_seed = sc.agree(s_sk, pj.s_pk, sc.mask_info(tag, lo, hi))
+            mask = sc.expand_mask(pair_seed, total_words, mask_bits)
+            if j < d:
+                acc -= mask
+            else:
+                acc += mask
+    acc &= spec.dtype(spec.modulus_mask)
+    scales = (
+        np.concatenate(
+            [
+                np.full(a.size, c / spec.qmax, np.float32)
+                for (a, c) in zip(
+                    [a for a in global_arrays.values() if np.issubdtype(a.dtype, np.floating)],
+                    clip,
+                    strict=True,
+                )
+            ]
+        )
+        if total_words
+        else np.zeros(0, np.float32)
+    )
+    delta_sum = ring_sum_to_float(acc, scales, spec, len(survivors))
+    mean = delta_sum / np.float32(len(survivors))
+    new_arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, a in global_arrays.items():
+        if np.issubdtype(a.dtype, np.floating):
+            part = mean[offset : offset + a.size].reshape(a.shape)
+            offset += a.size
+            new_arrays[name] = (a.astype(np.float32) + part).astype(a.dtype)
+        else:
+            new_arrays[name] = a
+    total_examples, merged = _merge_metrics(metrics)
+    server_seconds = time.perf_counter() - started - client_wait + 0 * t_unmask
+    return SecAggResult(
+        arrays=arrays_to_record(new_arrays),
+        delta_sum=delta_sum,
+        survivors=[by_index[i].node_id for i in survivors],
+        dropped=[by_index[i].node_id for i in dropped],
+        num_examples=total_examples,
+        metrics=merged,
+        refused=refused,
+        traffic=traffic,
+        server_seconds=server_seconds,
+    )
+
+
+def _masked_words(reply: Message, n: int, spec: RingSpec) -> tuple[np.ndarray, MetricRecord, int]:
+    found = records_of(reply.content, ArrayRecord)
+    arrays = next(iter(found.values())) if len(found) == 1 else None
+    if arrays is None or list(arrays.keys()) != [sp.MASKED_KEY]:
+        raise SecAggRefused("malformed", "a masked-input reply holds exactly one masked array")
+    arr = arrays[sp.MASKED_KEY]
+    if arr.stype != sp.MASKED_STYPE or arr.dtype != "uint8":
+        raise SecAggRefused("malformed", f"masked array {arr.dtype}/{arr.stype}")
+    words = unpack_words(arr.data, n, spec.word_bits)
+    if words.size and int(words.max()) > spec.modulus_mask:
+        raise SecAggRefused("malformed", "masked word outside the ring")
+    metric_records = records_of(reply.content, MetricRecord)
+    mrec = metric_records.get("metrics") or (
+        next(iter(metric_records.values())) if metric_records else None
+    )
+    if mrec is None:
+        return words, MetricRecord(), 0
+    examples = mrec.get("num-examples", 0)
+    if not isinstance(examples, int) or examples < 0:
+        raise SecAggRefused("malformed", f"num-examples {examples!r}")
+    return words, mrec, examples
+
+
+def _unmask_shares(
+    f: ConfigRecord | None, peer: _Peer, survivors: set[int], dropped: set[int]
+) -> list[tuple[int, bytes, bool]]:
+    if f is None:
+        raise SecAggRefused("malformed", "unmask reply without its record")
+    out: list[tuple[int, bytes, bool]] = []
+    for of_key, shares_key, allowed, is_key in (
+        (sp.SEED_OF, sp.SEED_SHARES, survivors, False),
+        (sp.KEY_OF, sp.KEY_SHARES, dropped, True),
+    ):
+        targets, shares = f.get(of_key), f.get(shares_key)
+        if (
+            not isinstance(targets, list)
+            or not isinstance(shares, list)
+            or len(targets) != len(shares)
+        ):
+            raise SecAggRefused("share_malformed", f"{of_key} and {shares_key} disagree")
+        for t, s in zip(targets, shares, strict=True):
+            if not isinstance(t, int) or not isinstance(s, bytes) or len(s) != sc.SHARE_BYTES:
+                raise SecAggRefused("share_malformed", f"share for {t!r}")
+            if t not in allowed or t not in peer.masked_with:
+                raise SecAggRefused(
+                    "share_misaddressed", f"share for device {t} not asked of {peer.index}"
+                )
+            out.append((t, s, is_key))
+    return out
+
+
+def _reconstruct(
+    points: list[tuple[int, bytes]], threshold: int, size: int, check: Callable[[bytes], bool]
+) -> bytes:
+    """The secret from `threshold` points, checked; other subsets are tried if a share lies."""
+    if len(points) < threshold:
+        raise SecAggRefused(
+            "reconstruction_failed",
+            f"{len(points)} shares, threshold {threshold}: too many dropped",
+        )
+    for start in range(len(points) - threshold + 1):
+        subset = points[start : start + threshold]
+        try:
+            secret = sc.shamir_combine(subset, size)
+        except SecAggRefused:
+            continue
+        if check(secret):
+            return secret
+    raise SecAggRefused("reconstruction_failed", "no subset of shares matches the commitment")
+
+
+def _merge_metrics(metrics: list[tuple[int, MetricRecord]]) -> tuple[int, MetricRecord]:
+    """Total examples, and every numeric metric averaged weighted by examples (as FedAvg does)."""
+    total = sum(e for e, _ in metrics)
+    merged: dict[str, float | int] = {"num-examples": total}
+    keys = set.intersection(*(set(m.keys()) for _, m in metrics)) if metrics else set()
+    for key in sorted(keys - {"num-examples"}):
+        vals = [(e, m[key]) for e, m in metrics]
+        if all(isinstance(v, int | float) for _, v in vals) and total > 0:
+            merged[key] = float(sum(e * float(v) for e, v in vals) / total)  # type: ignore[arg-type]
+    return total, MetricRecord(merged)
+
+
+class SecAggGrid(Grid):
+    """A Grid that runs every train round through `run_secagg_round` and answers with one reply."""
+
+    def __init__(self, grid: Grid, config: SecAggConfig) -> None:
+        self.grid = grid
+        self.config = config
+        self.results: dict[int, SecAggResult] = {}
+
+    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        batch = list(messages)
+        if not batch or any(m.metadata.message_type != MessageType.TRAIN for m in batch):
+            return self.grid.send_and_receive(batch, timeout=timeout)
+        found = config_record(batch[0].content)
+        server_round = int(found[1].get("server-round", 0)) if found else 0  # type: ignore[arg-type]
+        result = run_secagg_round(self.grid, batch, self.config, server_round=server_round)
+        self.results[server_round] = result
+        content = RecordDict({"arrays": result.arrays, "metrics": result.metrics})
+        return [Message(content, reply_to=batch[0])]
+
+
+class SecAggStrategy(Strategy):
+    """Any Message-API strategy with its train rounds securely aggregated.
+
+    The wrapped strategy samples and configures as usual; each train round's
+    messages go through `run_secagg_round`, and the strategy aggregates one
+    reply: the global model plus the survivors' mean delta, weighted by their
+    total examples. Per-device metrics other than the mean are not kept.
+    """
+
+    def __init__(self, strategy: Strategy, config: SecAggConfig) -> None:
+        self.strategy = strategy
+        self.config = config
+        self.grid: SecAggGrid | None = None
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def result(self, server_round: int) -> SecAggResult | None:
+        """What round `server_round`'s secure aggregation saw (survivors, dropped, traffic)."""
+        return self.grid.results.get(server_round) if self.grid else None
+
+    def start(self, grid: Grid, *args, **kwargs) -> Result:  # type: ignore[no-untyped-def]
+        self.grid = SecAggGrid(grid, self.config)
+        return Strategy.start(self, self.grid, *args, **kwargs)
