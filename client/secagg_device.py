@@ -126,12 +126,12 @@ def _pair_info(kind: str, tag: bytes, a: int, b: int) -> bytes:
 def _share_keys(
     msg: Message, record: ConfigRecord, state: ConfigRecord, context: Context
 ) -> Message:
-    tag, me = state[sp.ROUND_TAG], int(state[sp.INDEX])
+    tag, me = state[sp.ROUND_TAG], _int(state, sp.INDEX)
     assert isinstance(tag, bytes)
     neighbours = _list(record, sp.NEIGHBOURS, int)
     c_pks, s_pks = _list(record, sp.C_PKS, bytes), _list(record, sp.S_PKS, bytes)
-    threshold = int(state[sp.THRESHOLD])
-    clients = int(state[sp.CLIENTS])
+    threshold = _int(state, sp.THRESHOLD)
+    clients = _int(state, sp.CLIENTS)
     if not len(neighbours) == len(c_pks) == len(s_pks):
         raise SecAggRefused("bad_config", "neighbours and their keys differ in number")
     if len(set(neighbours)) != len(neighbours) or me in neighbours:
@@ -173,14 +173,14 @@ def _masked_input(
     context: Context,
     call_next: ClientAppCallable,
 ) -> Message:
-    tag, me = state[sp.ROUND_TAG], int(state[sp.INDEX])
+    tag, me = state[sp.ROUND_TAG], _int(state, sp.INDEX)
     c_sk, s_sk, seed = state["c-sk"], state["s-sk"], state.get("seed")
     assert isinstance(tag, bytes) and isinstance(c_sk, bytes) and isinstance(s_sk, bytes)
     if not isinstance(seed, bytes):
         raise SecAggRefused("bad_stage", "masked-input before share-keys")
-    neighbours = list(state[sp.NEIGHBOURS])  # type: ignore[arg-type]
-    c_pks = list(state[sp.C_PKS])  # type: ignore[arg-type]
-    s_pks = list(state[sp.S_PKS])  # type: ignore[arg-type]
+    neighbours = _list(state, sp.NEIGHBOURS, int)
+    c_pks = _list(state, sp.C_PKS, bytes)
+    s_pks = _list(state, sp.S_PKS, bytes)
     senders = _list(record, sp.FROM, int)
     bundles = _list(record, sp.BUNDLES, bytes)
     if len(senders) != len(bundles) or len(set(senders)) != len(senders):
@@ -202,12 +202,12 @@ def _masked_input(
             )
         seed_shares.append(bundle.seed_share)
         key_shares.append(bundle.key_share)
-    threshold = int(state[sp.THRESHOLD])
+    threshold = _int(state, sp.THRESHOLD)
     if len(senders) < threshold:
         raise SecAggRefused(
             "too_few_neighbours", f"{len(senders)} live neighbours, threshold {threshold}"
         )
-    bits, clients = int(state[sp.BITS]), int(state[sp.CLIENTS])
+    bits, clients = _int(state, sp.BITS), _int(state, sp.CLIENTS)
     spec = RingSpec(bits, clients)
     clip = _list(record, sp.CLIP, float)
     error_feedback = bool(record.get(sp.ERROR_FEEDBACK, False))
@@ -313,13 +313,13 @@ def _unmask(msg: Message, record: ConfigRecord, state: ConfigRecord, context: Co
         raise SecAggRefused(
             "unmask_conflict", f"devices {sorted(survivors & dropped)} both survived and dropped"
         )
-    threshold = int(state[sp.THRESHOLD])
+    threshold = _int(state, sp.THRESHOLD)
     if len(survivors) < threshold:
         raise SecAggRefused(
             "too_few_neighbours", f"{len(survivors)} survivors, threshold {threshold}"
         )
-    seed_shares = list(state["seed-shares"])  # type: ignore[arg-type]
-    key_shares = list(state["key-shares"])  # type: ignore[arg-type]
+    seed_shares = _list(state, "seed-shares", bytes)
+    key_shares = _list(state, "key-shares", bytes)
     seed_of, seed_out, key_of, key_out = [], [], [], []
     for j, seed_share, key_share in zip(live, seed_shares, key_shares, strict=True):
         if j in survivors:

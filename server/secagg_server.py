@@ -140,7 +140,7 @@ def _send(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         t.up += len(message_to_bytes(reply))
         t.replies += 1
-        yield reply, (reply.error.reason.encode() if reply.has_error() else None)
+        yield reply, (str(reply.error.reason).encode() if reply.has_error() else None)
 
 
 def _secagg_fields(reply: Message) -> ConfigRecord | None:
@@ -263,7 +263,9 @@ def run_secagg_round(
             refused["share-keys:malformed"] += 1
             continue
         peer.commit = commit
-        outbox[peer.index] = list(zip(peer.neighbours, bundles, strict=True))
+        outbox[peer.index] = [
+            (j, b) for j, b in zip(peer.neighbours, bundles, strict=True) if isinstance(b, bytes)
+        ]
         u1.add(peer.index)
     for i in u1:
         for j, bundle in outbox[i]:
@@ -335,15 +337,13 @@ def run_secagg_round(
             seed_points[i],
             threshold,
             sc.SEED_BYTES,
-            lambda s, p=p: sc.commitment(s, tag, p.index) == p.commit,
+            _commitment_check(tag, p),
         )
         acc -= sc.expand_mask(seed, total_words, mask_bits)
     survivor_set = set(survivors)
     for d in dropped:
         pd = by_index[d]
-        s_sk = _reconstruct(
-            key_points[d], threshold, sc.KEY_BYTES, lambda s, pd=pd: sc.public_key(s) == pd.s_pk
-        )
+        s_sk = _reconstruct(key_points[d], threshold, sc.KEY_BYTES, _public_key_check(pd))
         for j in survivor_set:
             pj = by_index[j]
             if d not in pj.masked_with:
@@ -447,6 +447,14 @@ def _unmask_shares(
     return out
 
 
+def _commitment_check(tag: bytes, peer: _Peer) -> Callable[[bytes], bool]:
+    return lambda seed: sc.commitment(seed, tag, peer.index) == peer.commit
+
+
+def _public_key_check(peer: _Peer) -> Callable[[bytes], bool]:
+    return lambda secret: sc.public_key(secret) == peer.s_pk
+
+
 def _reconstruct(
     points: list[tuple[int, bytes]], threshold: int, size: int, check: Callable[[bytes], bool]
 ) -> bytes:
@@ -470,12 +478,13 @@ def _reconstruct(
 def _merge_metrics(metrics: list[tuple[int, MetricRecord]]) -> tuple[int, MetricRecord]:
     """Total examples, and every numeric metric averaged weighted by examples (as FedAvg does)."""
     total = sum(e for e, _ in metrics)
-    merged: dict[str, float | int] = {"num-examples": total}
+    merged: dict[str, int | float | list[int] | list[float]] = {"num-examples": total}
     keys = set.intersection(*(set(m.keys()) for _, m in metrics)) if metrics else set()
     for key in sorted(keys - {"num-examples"}):
         vals = [(e, m[key]) for e, m in metrics]
-        if all(isinstance(v, int | float) for _, v in vals) and total > 0:
-            merged[key] = float(sum(e * float(v) for e, v in vals) / total)  # type: ignore[arg-type]
+        numbers = [(e, float(v)) for e, v in vals if isinstance(v, int | float)]
+        if len(numbers) == len(vals) and total > 0:
+            merged[key] = sum(e * v for e, v in numbers) / total
     return total, MetricRecord(merged)
 
 
@@ -487,20 +496,20 @@ class SecAggGrid(Grid):
         self.config = config
         self.results: dict[int, SecAggResult] = {}
 
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+    def set_run(self, run) -> None:
         self.grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self):
         return self.grid.run
 
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
+    def create_message(self, *args, **kwargs) -> Message:
         return self.grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
-    def get_nodes(self):  # type: ignore[no-untyped-def]
+    def get_nodes(self):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -516,7 +525,8 @@ class SecAggGrid(Grid):
         if not batch or any(m.metadata.message_type != MessageType.TRAIN for m in batch):
             return self.grid.send_and_receive(batch, timeout=timeout)
         found = config_record(batch[0].content)
-        server_round = int(found[1].get("server-round", 0)) if found else 0  # type: ignore[arg-type]
+        value = found[1].get("server-round", 0) if found else 0
+        server_round = value if isinstance(value, int) else 0
         result = run_secagg_round(self.grid, batch, self.config, server_round=server_round)
         self.results[server_round] = result
         content = RecordDict({"arrays": result.arrays, "metrics": result.metrics})
@@ -537,16 +547,16 @@ class SecAggStrategy(Strategy):
         self.config = config
         self.grid: SecAggGrid | None = None
 
-    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+    def configure_train(self, server_round, arrays, config, grid):
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+    def aggregate_train(self, server_round, replies):
         return self.strategy.aggregate_train(server_round, replies)
 
-    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+    def configure_evaluate(self, server_round, arrays, config, grid):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+    def aggregate_evaluate(self, server_round, replies):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
@@ -556,6 +566,6 @@ class SecAggStrategy(Strategy):
         """What round `server_round`'s secure aggregation saw (survivors, dropped, traffic)."""
         return self.grid.results.get(server_round) if self.grid else None
 
-    def start(self, grid: Grid, *args, **kwargs) -> Result:  # type: ignore[no-untyped-def]
+    def start(self, grid: Grid, *args, **kwargs) -> Result:
         self.grid = SecAggGrid(grid, self.config)
         return Strategy.start(self, self.grid, *args, **kwargs)
