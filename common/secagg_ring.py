@@ -79,12 +79,14 @@ def quantize_to_ring(
     if not np.isfinite(x).all():
         raise SecAggRefused("bad_input", "update holds NaN or Inf")
     qmax = spec.qmax
-    t = x / scales
-    t += rng.random(t.size, dtype=np.float32)
+    # float64: in float32, k + u rounds up to k + 1 for u near 1 (a bias of 2**-24 |k|)
+    t = x.astype(np.float64)
+    t /= scales
+    t += rng.random(t.size)
     np.floor(t, out=t)
     np.clip(t, -qmax, qmax, out=t)
     if residual_out is not None:
-        np.subtract(x, t * scales, out=residual_out)
+        np.subtract(x, (t * scales).astype(np.float32), out=residual_out)
     t += qmax
     return t.astype(spec.dtype)
 

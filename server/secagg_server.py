@@ -20,6 +20,7 @@ the rest, as long as every affected device keeps `threshold` live neighbours.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -48,6 +49,9 @@ from fedge.common.secagg_errors import SecAggRefused
 from fedge.common.secagg_ring import RingSpec, ring_sum_to_float, unpack_words
 
 log = logging.getLogger(__name__)
+
+#: subsets of shares tried when a reconstruction disagrees with its commitment (lying devices)
+MAX_SUBSETS = 256
 
 ClipChoice = float | Sequence[float] | Callable[[int, dict[str, np.ndarray]], Sequence[float]]
 
@@ -464,10 +468,9 @@ def _reconstruct(
             "reconstruction_failed",
             f"{len(points)} shares, threshold {threshold}: too many dropped",
         )
-    for start in range(len(points) - threshold + 1):
-        subset = points[start : start + threshold]
+    for subset in itertools.islice(itertools.combinations(points, threshold), MAX_SUBSETS):
         try:
-            secret = sc.shamir_combine(subset, size)
+            secret = sc.shamir_combine(list(subset), size)
         except SecAggRefused:
             continue
         if check(secret):
