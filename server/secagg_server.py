@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -196,20 +196,24 @@ def run_secagg_round(
         body[sp.SECAGG_RECORD] = rec
         return Message(body, peer.node_id, MessageType.TRAIN)
 
-    def timed_replies(msgs: list[Message], stage: str) -> list[tuple[_Peer, Message]]:
+    def timed_replies(msgs: list[Message], stage: str) -> Iterator[tuple[_Peer, Message]]:
+        """Valid replies one at a time (streamed if the grid streams); waits are device time."""
         nonlocal client_wait
-        out = []
-        t0 = time.perf_counter()
-        for reply, err in _send(grid, msgs, stage, traffic, config.timeout):
+        replies = iter(_send(grid, msgs, stage, traffic, config.timeout))
+        while True:
+            t0 = time.perf_counter()
+            item = next(replies, None)
+            client_wait += time.perf_counter() - t0
+            if item is None:
+                return
+            reply, err = item
             peer = peers.get(reply.metadata.src_node_id)
             if peer is None:
                 refused["unknown_node"] += 1
             elif err is not None:
                 refused[f"{stage}:device_error"] += 1
             else:
-                out.append((peer, reply))
-        client_wait += time.perf_counter() - t0
-        return out
+                yield peer, reply
 
     # 1. advertise keys
     msgs = [
@@ -333,7 +337,6 @@ def run_secagg_round(
                 (sp.share_point(peer.index), share)
             )
 
-    t_unmask = time.perf_counter()
     mask_bits = spec.word_bits
     for i in survivors:
         p = by_index[i]
@@ -386,7 +389,7 @@ def run_secagg_round(
         else:
             new_arrays[name] = a
     total_examples, merged = _merge_metrics(metrics)
-    server_seconds = time.perf_counter() - started - client_wait + 0 * t_unmask
+    server_seconds = time.perf_counter() - started - client_wait
     return SecAggResult(
         arrays=arrays_to_record(new_arrays),
         delta_sum=delta_sum,
