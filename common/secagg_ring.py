@@ -109,15 +109,32 @@ def pack_words(words: np.ndarray, word_bits: int) -> bytes:
         return words.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes()
     n = words.size
     out = np.empty((n * word_bits + 7) // 8, np.uint8)
-    le = words.astype(np.dtype(dtype).newbyteorder("<"), copy=False)
     for lo in range(0, n, PACK_CHUNK):
         hi = min(lo + PACK_CHUNK, n)
-        raw = le[lo:hi].view(np.uint8).reshape(hi - lo, -1)
-        bits = np.unpackbits(raw, axis=1, bitorder="little")[:, :word_bits]
-        packed = np.packbits(bits.reshape(-1), bitorder="little")
         start = lo * word_bits // 8
-        out[start : start + packed.size] = packed
+        stop = (hi * word_bits + 7) // 8
+        if word_bits >= 8:
+            out[start:stop] = _pack_gather(words[lo:hi], word_bits)
+        else:
+            out[start:stop] = _pack_bits(words[lo:hi], word_bits)
     return out.tobytes()
+
+
+def _pack_gather(words: np.ndarray, b: int) -> np.ndarray:
+    """Each output byte from the (at most two, as b >= 8) words its 8 bits fall in."""
+    w = np.zeros(words.size + 1, np.uint32)
+    w[:-1] = words
+    bitpos = np.arange((words.size * b + 7) // 8, dtype=np.int64) * 8
+    first = bitpos // b
+    offset = (bitpos - first * b).astype(np.uint32)
+    value = (w[first] >> offset) | (w[first + 1] << (np.uint32(b) - offset))
+    return value.astype(np.uint8)
+
+
+def _pack_bits(words: np.ndarray, b: int) -> np.ndarray:
+    raw = words.astype(np.dtype(words.dtype).newbyteorder("<")).view(np.uint8)
+    bits = np.unpackbits(raw.reshape(words.size, -1), axis=1, bitorder="little")[:, :b]
+    return np.packbits(bits.reshape(-1), bitorder="little")
 
 
 def unpack_words(data: bytes, n: int, word_bits: int) -> np.ndarray:
@@ -130,17 +147,25 @@ def unpack_words(data: bytes, n: int, word_bits: int) -> np.ndarray:
     width = itemsize * 8
     if width == word_bits:
         return np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).astype(dtype)
-    buf = np.frombuffer(data, np.uint8)
+    buf = np.zeros(len(data) + 4, np.uint32)
+    buf[: len(data)] = np.frombuffer(data, np.uint8)
     out = np.empty(n, dtype)
-    view = out.view(np.uint8).reshape(n, itemsize)
+    mask = np.uint32((1 << word_bits) - 1)
     for lo in range(0, n, PACK_CHUNK):
         hi = min(lo + PACK_CHUNK, n)
-        start = lo * word_bits // 8
-        stop = (hi * word_bits + 7) // 8
-        bits = np.unpackbits(buf[start:stop], bitorder="little", count=(hi - lo) * word_bits)
-        full = np.zeros((hi - lo, width), np.uint8)
-        full[:, :word_bits] = bits.reshape(hi - lo, word_bits)
-        view[lo:hi] = np.packbits(full, axis=1, bitorder="little")
-    if np.dtype(dtype).byteorder == ">" or not np.little_endian:  # pragma: no cover
-        out = out.byteswap()
+        if word_bits <= 25:
+            # a word spans at most 4 bytes from its first: read them, shift, mask
+            bitpos = np.arange(lo, hi, dtype=np.int64) * word_bits
+            byte = bitpos >> 3
+            value = buf[byte] | (buf[byte + 1] << 8) | (buf[byte + 2] << 16) | (buf[byte + 3] << 24)
+            out[lo:hi] = (value >> (bitpos & 7).astype(np.uint32)) & mask
+        else:
+            start = lo * word_bits // 8
+            stop = (hi * word_bits + 7) // 8
+            raw = buf[start:stop].astype(np.uint8)
+            bits = np.unpackbits(raw, bitorder="little", count=(hi - lo) * word_bits)
+            full = np.zeros((hi - lo, width), np.uint8)
+            full[:, :word_bits] = bits.reshape(hi - lo, word_bits)
+            packed = np.packbits(full, axis=1, bitorder="little")
+            out[lo:hi] = packed.view(np.dtype(dtype).newbyteorder("<")).ravel()
     return out

@@ -126,7 +126,7 @@ class RecordingGrid(InProcessGrid):
 # ------------------------------------------------------------------ primitives
 
 
-@pytest.mark.parametrize("bits", [6, 11, 15, 16, 20, 32])
+@pytest.mark.parametrize("bits", [3, 6, 8, 9, 11, 12, 15, 16, 20, 25, 26, 31, 32])
 def test_words_pack_tightly_and_round_trip(bits: int) -> None:
     rng = np.random.default_rng(bits)
     n = 70_001
