@@ -169,7 +169,8 @@ def run_fedge(codec: str, clients: int, model: dict[str, np.ndarray]) -> dict:
         "round_trips": grid.exchanges,
         "client_seconds": round(clock.per_device(), 4),
         "server_seconds": round(result.server_seconds, 3),
-        "degree": sp.default_degree(clients),
+        "degree": result.degree,
+        "threshold": result.threshold,
         "word_bits": BITS[codec] + math.ceil(math.log2(clients)),
         "survivors": len(result.survivors),
     }

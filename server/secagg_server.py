@@ -64,8 +64,9 @@ class SecAggConfig:
     all, one per tensor in model order, or a callable (round, global arrays)
     -> ranges, e.g. derived from the previous round's public aggregate).
     `degree`/`threshold`: neighbours per device and shares needed (defaults:
-    2 ceil(log2 n) + 2, and a majority of them). `error_feedback`: devices
-    carry what the shared-scale quantizer dropped into their next round.
+    enough neighbours that `max_dropout` rarely breaks a round, and a majority).
+    `error_feedback`: devices carry what the shared-scale quantizer dropped
+    into their next round.
     """
 
     clip: ClipChoice = 0.05
@@ -73,6 +74,8 @@ class SecAggConfig:
     degree: int | None = None
     threshold: int | None = None
     error_feedback: bool = False
+    #: the dropout rate the default degree is sized for (`secagg_protocol.default_degree`)
+    max_dropout: float = sp.DEFAULT_MAX_DROPOUT
     timeout: float | None = None
     #: the smallest number of survivors a round may release a sum of
     min_survivors: int = 2
@@ -101,6 +104,8 @@ class SecAggResult:
     traffic: dict[str, StageTraffic] = field(default_factory=dict)
     server_seconds: float = 0.0
     round_trips: int = 4
+    degree: int = 0
+    threshold: int = 0
 
 
 @dataclass
@@ -175,7 +180,9 @@ def run_secagg_round(
     clip = _clip_ranges(config.clip, server_round, global_arrays)
     n = len(train_messages)
     spec = RingSpec(config.bits, n)
-    degree = config.degree if config.degree is not None else sp.default_degree(n)
+    degree = (
+        config.degree if config.degree is not None else sp.default_degree(n, config.max_dropout)
+    )
     threshold = config.threshold if config.threshold is not None else sp.default_threshold(degree)
     nonce = os.urandom(8)
     run_id = grid.run.run_id
@@ -400,6 +407,8 @@ def run_secagg_round(
         refused=refused,
         traffic=traffic,
         server_seconds=server_seconds,
+        degree=degree,
+        threshold=threshold,
     )
 
 

@@ -191,7 +191,9 @@ def test_graph_is_symmetric_and_sparse() -> None:
     n = 100
     k = sp.default_degree(n)
     graph = sp.neighbour_graph(n, k, seed=7)
-    assert k == 16
+    assert k == 44  # sized for 20 % dropouts with a majority threshold
+    assert n * sp.short_of_threshold(k, sp.default_threshold(k), 0.2) <= 1e-3
+    assert n * sp.short_of_threshold(16, 9, 0.2) > 0.5  # the bare log floor would not do
     for i, near in enumerate(graph):
         assert len(near) == k and i not in near
         assert all(i in graph[j] for j in near)
