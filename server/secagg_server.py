@@ -201,7 +201,8 @@ def run_secagg_round(
         rec = ConfigRecord({**base, sp.STAGE: stage, **fields})
         body = content if content is not None else RecordDict()
         body[sp.SECAGG_RECORD] = rec
-        return Message(body, peer.node_id, MessageType.TRAIN)
+        # group id = the round, so a Grid that files tasks by round (GrpcGrid) keeps them together
+        return Message(body, peer.node_id, MessageType.TRAIN, group_id=str(server_round))
 
     def timed_replies(msgs: list[Message], stage: str) -> Iterator[tuple[_Peer, Message]]:
         """Valid replies one at a time (streamed if the grid streams); waits are device time."""
