@@ -1,4 +1,4 @@
-"""Secure aggregation over the coordinator's gRPC path, devices as real `fedge client run` processes.
+"""Secure aggregation over the coordinator's gRPC path, devices as `fedge client run` processes.
 
 The coordinator's service and `GrpcGrid` serve on 127.0.0.1 in this process (the
 harness every coordinator test uses); four devices run the real edge runtime in
