@@ -120,6 +120,46 @@ class _Peer:
     masked_with: list[int] = field(default_factory=list)
 
 
+class AdaptiveClip:
+    """Clipping ranges from public information: the previous round's aggregate.
+
+    Round 1 uses `initial` for every float tensor; after each round, tensor t's
+    range becomes `factor` x the largest |mean delta| of t that the round
+    released, kept within [initial / spread, initial * spread]. The mean of
+    many devices' deltas is smaller than any one of them, hence a generous
+    factor; what is still clipped, error feedback repays. Pass it as
+    `SecAggConfig(clip=AdaptiveClip(0.1))`; `SecAggGrid` feeds it each result.
+    """
+
+    def __init__(self, initial: float, factor: float = 4.0, spread: float = 16.0) -> None:
+        if not (initial > 0 and factor > 0 and spread >= 1):
+            raise SecAggRefused(
+                "bad_config", "AdaptiveClip needs initial > 0, factor > 0, spread >= 1"
+            )
+        self.initial, self.factor, self.spread = initial, factor, spread
+        self.ranges: list[float] | None = None
+
+    def __call__(self, server_round: int, arrays: dict[str, np.ndarray]) -> list[float]:
+        names = [k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating)]
+        if self.ranges is None or len(self.ranges) != len(names):
+            return [self.initial] * len(names)
+        return list(self.ranges)
+
+    def observe(self, result: SecAggResult, arrays: dict[str, np.ndarray]) -> None:
+        """Learn the next ranges from a released round (`arrays`: the model it started from)."""
+        mean = result.delta_sum / max(1, len(result.survivors))
+        lo, hi = self.initial / self.spread, self.initial * self.spread
+        ranges, offset = [], 0
+        for a in arrays.values():
+            if not np.issubdtype(a.dtype, np.floating):
+                continue
+            part = mean[offset : offset + a.size]
+            offset += a.size
+            peak = float(np.abs(part).max()) if part.size else 0.0
+            ranges.append(min(hi, max(lo, self.factor * peak)))
+        self.ranges = ranges
+
+
 def _clip_ranges(clip: ClipChoice, server_round: int, arrays: dict[str, np.ndarray]) -> list[float]:
     names = [k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating)]
     if callable(clip):
@@ -545,6 +585,11 @@ class SecAggGrid(Grid):
         server_round = value if isinstance(value, int) else 0
         result = run_secagg_round(self.grid, batch, self.config, server_round=server_round)
         self.results[server_round] = result
+        clip = self.config.clip
+        if isinstance(clip, AdaptiveClip):
+            found_model = model_record(batch[0].content)
+            if found_model is not None:
+                clip.observe(result, {k: a.numpy() for k, a in found_model[1].items()})
         content = RecordDict({"arrays": result.arrays, "metrics": result.metrics})
         return [Message(content, reply_to=batch[0])]
 
