@@ -142,3 +142,26 @@ def test_adaptive_clip_follows_the_released_mean_within_its_spread() -> None:
     clip.observe(result, arrays)
     got = clip(2, arrays)
     assert got[0] == pytest.approx(4 * 0.06) and got[1] == pytest.approx(0.4)  # 2.0 capped at 4x
+
+
+def test_wiring_into_fedges_apps_compressed_strategy_over_a_secagg_grid() -> None:
+    """How fedge's ServerApp takes secure aggregation: its `CompressedStrategy` (codec none)
+    started on `SecAggGrid(grid)`, devices with `[secagg_mod, compression_mod]`."""
+    from fedge.client.compression_mod import compression_mod
+    from fedge.server.compressed_strategy import CompressedStrategy
+    from fedge.server.secagg_server import SecAggGrid
+
+    task = resolve_task("digits")
+    grid = InProcessGrid(make_client_app(mods=[secagg_mod, compression_mod]), 4, run_config=RUN)
+    secure = SecAggGrid(grid, SecAggConfig(clip=AdaptiveClip(0.1, factor=8.0), error_feedback=True))
+    strategy = CompressedStrategy(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), "none")
+    result = strategy.start(
+        grid=secure, initial_arrays=model_to_record(task.make_model()), num_rounds=2
+    )
+    test = task.central_test(RUN)
+    assert test is not None
+    accuracy = evaluate(record_to_model(task.make_model(), result.arrays), *test)[1]
+    assert accuracy >= 0.9
+    assert sorted(secure.results) == [1, 2] and all(
+        len(r.survivors) == 4 and not r.refused for r in secure.results.values()
+    )
