@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -149,11 +150,11 @@ def run_fedge(codec: str, clients: int, model: dict[str, np.ndarray]) -> dict:
         )
         for node in grid.get_node_ids()
     ]
-    result = run_secagg_round(
-        grid, messages, SecAggConfig(clip=CLIP, bits=BITS[codec]), server_round=1
-    )
+    # the grid counts the bytes (as for Flower's rows): no second serialization here
+    config = SecAggConfig(clip=CLIP, bits=BITS[codec], count_bytes=False)
+    result = run_secagg_round(grid, messages, config, server_round=1)
     params = sum(a.size for a in model.values() if np.issubdtype(a.dtype, np.floating))
-    up = sum(t.up for t in result.traffic.values())
+    up = grid.wire.bytes_up
     # exactness against the clipped plain sum, within one quantization step per device
     expected_first = sum(
         float(np.clip(_delta(a.shape, p, k).ravel()[0], -CLIP, CLIP))
@@ -263,9 +264,11 @@ def run(
     rows = []
     for codec in codecs:
         for n in clients:
-            rows.append(
+            row = (
                 run_flower(n, model) if codec == "flower-secaggplus" else run_fedge(codec, n, model)
             )
+            print(json.dumps(row), file=sys.stderr, flush=True)  # progress; stdout stays one list
+            rows.append(row)
     return rows
 
 

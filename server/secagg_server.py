@@ -79,6 +79,8 @@ class SecAggConfig:
     timeout: float | None = None
     #: the smallest number of survivors a round may release a sum of
     min_survivors: int = 2
+    #: measure each stage's bytes (serializes every message once more: off where the Grid counts)
+    count_bytes: bool = True
 
 
 @dataclass
@@ -181,13 +183,15 @@ def _send(
     stage: str,
     traffic: dict[str, StageTraffic],
     timeout: float | None,
+    count_bytes: bool,
 ) -> Iterable[tuple[Message, bytes | None]]:
     """Send one stage's messages; yield (reply, None) or (reply, error reason)."""
     t = traffic.setdefault(stage, StageTraffic())
-    for m in messages:
-        t.down += len(message_to_bytes(m))
+    if count_bytes:
+        t.down += sum(len(message_to_bytes(m)) for m in messages)
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        t.up += len(message_to_bytes(reply))
+        if count_bytes:
+            t.up += len(message_to_bytes(reply))
         t.replies += 1
         yield reply, (str(reply.error.reason).encode() if reply.has_error() else None)
 
@@ -247,7 +251,7 @@ def run_secagg_round(
     def timed_replies(msgs: list[Message], stage: str) -> Iterator[tuple[_Peer, Message]]:
         """Valid replies one at a time (streamed if the grid streams); waits are device time."""
         nonlocal client_wait
-        replies = iter(_send(grid, msgs, stage, traffic, config.timeout))
+        replies = iter(_send(grid, msgs, stage, traffic, config.timeout, config.count_bytes))
         while True:
             t0 = time.perf_counter()
             item = next(replies, None)
