@@ -555,6 +555,8 @@ class SecAggGrid(Grid):
         self.grid = grid
         self.config = config
         self.results: dict[int, SecAggResult] = {}
+        #: rounds that released nothing (too many dropouts, bad config), and why
+        self.failures: dict[int, SecAggRefused] = {}
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -587,7 +589,13 @@ class SecAggGrid(Grid):
         found = config_record(batch[0].content)
         value = found[1].get("server-round", 0) if found else 0
         server_round = value if isinstance(value, int) else 0
-        result = run_secagg_round(self.grid, batch, self.config, server_round=server_round)
+        try:
+            result = run_secagg_round(self.grid, batch, self.config, server_round=server_round)
+        except SecAggRefused as exc:
+            # no sum can be released this round: the strategy sees no replies, the model stays
+            log.warning("round %d: secure aggregation failed: %s", server_round, exc)
+            self.failures[server_round] = exc
+            return []
         self.results[server_round] = result
         clip = self.config.clip
         if isinstance(clip, AdaptiveClip):

@@ -448,3 +448,37 @@ def test_hundred_devices_on_the_sparse_graph_survive_twenty_percent_dropouts() -
     assert np.array_equal(res.delta_sum, expected)
     # each device's key/share traffic follows k, not n: one bundle per neighbour
     assert res.traffic["share-keys"].up < n * 60 * sp.BUNDLE_BYTES
+
+
+def test_a_round_that_cannot_unmask_releases_nothing_and_the_run_goes_on() -> None:
+    n = 5
+    deltas = _grid_deltas(seed=10)
+    app = _delta_app(deltas)
+    # round 1: three of five vanish after masking (threshold 3 of 4 neighbours fails)
+    clients = [_round_vanish(app, {1}) if p < 3 else app for p in range(n)]
+    grid = InProcessGrid(clients, n)
+    strategy = SecAggStrategy(
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0), SecAggConfig(clip=CLIP)
+    )
+    result = strategy.start(grid=grid, initial_arrays=arrays_to_record(_model()), num_rounds=2)
+    assert strategy.grid is not None
+    assert strategy.grid.failures[1].reason == "reconstruction_failed"
+    assert strategy.result(1) is None and strategy.result(2) is not None
+    final = {k: a.numpy() for k, a in result.arrays.items()}
+    got = np.concatenate([final["w"].ravel(), final["b"].ravel()])
+    assert np.allclose(got, sum(_flat(deltas(p)) for p in range(n)) / np.float32(n), atol=1e-6)
+
+
+def _round_vanish(app: ClientApp, rounds: set[int]) -> Callable[[Message, Context], Message]:
+    """The real device, vanishing after its masked input in the given server rounds."""
+
+    def client(msg: Message, context: Context) -> Message:
+        config = records_of(msg.content, ConfigRecord).get("config") if msg.has_content() else None
+        vanish = _stage(msg) == sp.MASKED_INPUT and config is not None
+        vanish = vanish and config.get("server-round") in rounds  # type: ignore[union-attr]
+        reply = app(msg, context)  # (the mod takes its record out of msg)
+        if vanish:
+            raise ConnectionError("device vanished after masking")
+        return reply
+
+    return client
