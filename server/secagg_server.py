@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -46,7 +47,7 @@ from fedge.common.arrays import arrays_to_record
 from fedge.common.flower_compat import message_to_bytes
 from fedge.common.records import config_record, model_record, records_of
 from fedge.common.secagg_errors import SecAggRefused
-from fedge.common.secagg_ring import RingSpec, ring_sum_to_float, unpack_words
+from fedge.common.secagg_ring import QMAX, RingSpec, ring_sum_to_float, unpack_words
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,24 @@ class SecAggConfig:
     min_survivors: int = 2
     #: measure each stage's bytes (serializes every message once more: off where the Grid counts)
     count_bytes: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse a bad setting when the strategy is built, not rounds later."""
+        problems = []
+        if self.bits not in QMAX:
+            problems.append(f"bits {self.bits} (use {', '.join(map(str, QMAX))})")
+        if isinstance(self.clip, int | float) and not (self.clip > 0 and math.isfinite(self.clip)):
+            problems.append(f"clip {self.clip} (must be positive)")
+        if self.degree is not None and self.degree < 1:
+            problems.append(f"degree {self.degree}")
+        if self.threshold is not None and self.threshold < 1:
+            problems.append(f"threshold {self.threshold}")
+        if not 0 <= self.max_dropout < 1:
+            problems.append(f"max_dropout {self.max_dropout} (must be in [0, 1))")
+        if self.min_survivors < 1:
+            problems.append(f"min_survivors {self.min_survivors}")
+        if problems:
+            raise SecAggRefused("bad_config", "; ".join(problems))
 
 
 @dataclass

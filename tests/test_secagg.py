@@ -482,3 +482,13 @@ def _round_vanish(app: ClientApp, rounds: set[int]) -> Callable[[Message, Contex
         return reply
 
     return client
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [({"bits": 5}, "bits 5"), ({"clip": 0.0}, "clip 0.0"), ({"max_dropout": 1.0}, "max_dropout"),
+     ({"threshold": 0}, "threshold 0"), ({"min_survivors": 0}, "min_survivors")],
+)  # fmt: skip
+def test_bad_settings_are_refused_when_built(kwargs: dict, named: str) -> None:
+    with pytest.raises(SecAggRefused, match=rf"\(bad_config\): .*{named}"):
+        SecAggConfig(**kwargs)
