@@ -185,6 +185,35 @@ def bench_fleet(
          storm_devices=storm_devices, per_worker=per_worker, settle_s=settle, window_s=window)
 
 
+@bench_app.command("secagg")
+def bench_secagg(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON list and nothing else."),
+    clients: str = typer.Option("10,50,100", help="Client counts, comma-separated."),
+    codecs: str = typer.Option("int8,int4,flower-secaggplus", help="Codecs, comma-separated."),
+    params: int | None = typer.Option(
+        None, min=11, help="A small synthetic model of this many floats instead of the CNN."
+    ),
+) -> None:
+    """Device upload bytes per coordinate and time of secure aggregation, vs Flower's SecAgg+."""
+    from fedge.bench.secagg_bench import CODECS, main
+
+    try:
+        counts = [int(c) for c in clients.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            "expected integers, e.g. 10,50,100", param_hint="--clients"
+        ) from None
+    if any(c < 2 for c in counts):
+        raise typer.BadParameter("at least 2 clients", param_hint="--clients")
+    names = [c.strip() for c in codecs.split(",")]
+    unknown = [c for c in names if c not in CODECS]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown {unknown}; choose from {', '.join(CODECS)}", param_hint="--codecs"
+        )
+    main(json_output=json_output, clients=counts, codecs=names, params=params)
+
+
 @bench_app.command("inference")
 def bench_inference(
     json_output: bool = typer.Option(
