@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,12 @@ COORDINATOR_NOTE = (
     "fake coordinator (tests/edge_fake_coordinator.py: real grpc.aio, fedge protocol, "
     "no ServerApp); fedge's own coordinator was not used for this figure"
 )
+Wrapper = Callable[[list[str]], list[str]]
+"""Turns the device's command line into the one to start (e.g. inside a memory cgroup)."""
+TASK_MODELS = {
+    "fashion-mnist": "FedAvgCNN (1,663,370 parameters)",
+    "digits": "the digits MLP",
+}
 
 
 # ------------------------------------------------------------------ public API
@@ -72,6 +79,8 @@ def edge_footprint(
     bare_torch: bool = True,
     rounds: int = 2,
     timeout_s: float = 300.0,
+    task: str = "fashion-mnist",
+    device_wrapper: Wrapper | None = None,
 ) -> dict[str, Any]:
     """Waiting RSS and training peak RSS of one device process, as a JSON-ready dict.
 
@@ -80,13 +89,18 @@ def edge_footprint(
     "fake" the test coordinator, which sends the tasks itself; "auto" tries
     fedge's and falls back to the fake one, saying why. `rounds` > 1 measures
     later rounds in the same process (the residual then lives in its context).
+    `task` is "fashion-mnist" (the CNN on the device's own 750 images) or
+    "digits" (scikit-learn's set, cut on the device). `device_wrapper` changes
+    the measured device's command line (the budget bench runs it in a cgroup).
     """
     with tempfile.TemporaryDirectory(prefix="fedge-edge-bench-") as tmp:
         tmp_path = Path(tmp)
         data_dir = tmp_path / "data"
         data_dir.mkdir()
-        run_config: dict[str, Any] = {"task": "fashion-mnist", "seed": 0}
-        if full_dataset:
+        run_config: dict[str, Any] = {"task": task, "seed": 0}
+        if task == "digits":
+            node_args = ["--partition-id", "0", "--num-partitions", "1"]
+        elif full_dataset:
             node_args = ["--partition-id", "0", "--num-partitions", str(60_000 * 8 // 10 // 600)]
         else:
             _write_device_idx(data_dir, SAMPLES * 5 // 4)
@@ -97,7 +111,8 @@ def edge_footprint(
         if coordinator in ("auto", "fedge"):
             try:
                 result = _measure_with_fedge(
-                    tmp_path, data_dir, run_config, node_args, idle_s, timeout_s, rounds
+                    tmp_path, data_dir, run_config, node_args, idle_s, timeout_s, rounds,
+                    device_wrapper,
                 )
             except _NoCoordinator as e:
                 if coordinator == "fedge":
@@ -106,16 +121,21 @@ def edge_footprint(
         if result is None:
             with _FakeInThread() as coord:
                 result = _measure_device(
-                    coord, tmp_path / "device", run_config, node_args, idle_s, timeout_s, rounds
+                    coord, tmp_path / "device", run_config, node_args, idle_s, timeout_s, rounds,
+                    device_wrapper,
                 )
             result["coordinator"] = fallback + COORDINATOR_NOTE
+    if task == "digits":
+        data = "scikit-learn's digits (embedded), the whole set on one device"
+    elif full_dataset:
+        data = "whole Fashion-MNIST train set, partition cut on the device"
+    else:
+        data = f"{SAMPLES * 5 // 4} images in the device's own folder ({SAMPLES} train)"
     result.update(
-        task="fashion-mnist",
-        model="FedAvgCNN (1,663,370 parameters)",
-        samples=SAMPLES,
-        data="whole Fashion-MNIST train set, partition cut on the device"
-        if full_dataset
-        else f"{SAMPLES * 5 // 4} images in the device's own folder ({SAMPLES} train)",
+        task=task,
+        model=TASK_MODELS.get(task, task),
+        samples=SAMPLES if task == "fashion-mnist" else None,
+        data=data,
         limits_mb={"waiting": IDLE_LIMIT_MB,
                    "training": "bare torch loop's peak" if bare_torch else TRAIN_LIMIT_MB},
         unit="MB = 10^6 bytes",
@@ -204,13 +224,15 @@ def _measure_with_fedge(
     idle_s: float,
     timeout_s: float,
     rounds: int,
+    wrap: Wrapper | None = None,
 ) -> dict[str, Any]:
     """A real run of `fedge coordinator run` with two devices; the first one is measured."""
-    _write_test_idx(data_dir, 1000)  # the coordinator's central evaluation reads t10k
+    if run_config["task"] == "fashion-mnist":
+        _write_test_idx(data_dir, 1000)  # the coordinator's central evaluation reads t10k
     coord_log = tmp / "coordinator.log"
     args = [
         "coordinator", "run", "--state", str(tmp / "coordinator"), "--port", "0",
-        "--insecure", "--task", "fashion-mnist", "--codec", "int8", "--rounds", str(rounds),
+        "--insecure", "--task", run_config["task"], "--codec", "int8", "--rounds", str(rounds),
         "--min-devices", "2", "--heartbeat-interval", "5",
     ]
     for key, value in run_config.items():
@@ -227,13 +249,13 @@ def _measure_with_fedge(
         if line is None:
             raise _NoCoordinator(_tail(coord_log, 5).replace("\n", " | ") or "no output")
         address = line.split("listening on ", 1)[1].strip()
-        first, first_log = _spawn(address, tmp / "device", node_args)
+        first, first_log = _spawn(address, tmp / "device", node_args, wrap)
         devices.append(first)
         if _wait_line(first, first_log, "joined as node", timeout_s) is None:
             raise RuntimeError(f"device did not join:\n{_tail(first_log)}")
         waiting = _sample(first.pid, idle_s)  # joined; the run waits for a second device
         out: dict[str, Any] = {
-            "coordinator": "fedge coordinator run (plaintext on 127.0.0.1), fashion-mnist, "
+            "coordinator": f"fedge coordinator run (plaintext on 127.0.0.1), {run_config['task']}, "
             "int8, 2 devices; the measured one joined first and waited for the other",
             "waiting_rss_mb": waiting["last"],
             "waiting_max_rss_mb": waiting["max"],
@@ -291,8 +313,9 @@ def _measure_device(
     idle_s: float,
     timeout_s: float,
     rounds: int,
+    wrap: Wrapper | None = None,
 ) -> dict[str, Any]:
-    proc, log = _spawn(coord.address, device_dir, node_args)
+    proc, log = _spawn(coord.address, device_dir, node_args, wrap)
     try:
         device_id = coord.wait_join(proc, log, timeout_s)
         waiting = _sample(proc.pid, idle_s)
@@ -303,7 +326,7 @@ def _measure_device(
             "waiting_seconds": idle_s,
         }
         node_id = coord.fake.devices[device_id]
-        payload = _cnn_train_payload(node_id)
+        payload = _train_payload(node_id, run_config["task"])
         for round_ in range(1, rounds + 1):
             started = time.monotonic()
             task_id = coord.call(
@@ -373,12 +396,15 @@ def _env() -> dict[str, str]:
     return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
-def _spawn(address: str, data_dir: Path, node_args: list[str]) -> tuple[subprocess.Popen, Path]:
+def _spawn(
+    address: str, data_dir: Path, node_args: list[str], wrap: Wrapper | None = None
+) -> tuple[subprocess.Popen, Path]:
     log = data_dir.with_suffix(".log")
+    cmd = [sys.executable, "-m", "fedge.client.cli", "run", "--coordinator", address,
+           "--data", str(data_dir), "--insecure", "--name", "bench-device", *node_args]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedge.client.cli", "run", "--coordinator", address,
-             "--data", str(data_dir), "--insecure", "--name", "bench-device", *node_args],
+            wrap(cmd) if wrap is not None else cmd,
             stdout=out, stderr=subprocess.STDOUT, env=_env(),
         )
     return proc, log
@@ -426,19 +452,20 @@ def _write_idx(folder: Path, prefix: str, count: int) -> None:
     (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(header + y.tobytes())
 
 
-def _cnn_train_payload(node_id: int) -> bytes:
-    """A Flower train Message with the CNN's initial weights, as the ServerApp sends it."""
+def _train_payload(node_id: int, task: str = "fashion-mnist") -> bytes:
+    """A Flower train Message with the task model's initial weights, as the ServerApp sends it."""
     from flwr.app import DEFAULT_TTL, ConfigRecord, Message, MessageType, Metadata, RecordDict
 
     from fedge.common.arrays import model_to_record
     from fedge.common.contract import CODEC_KEY, RUN_ID_KEY
     from fedge.common.flower_compat import message_to_bytes
-    from fedge.common.models import FedAvgCNN
+    from fedge.common.task import resolve_task
 
     config: dict[str, Any] = {"server-round": 1, CODEC_KEY: "int8", "local-epochs": 1,
                               "batch-size": 32, "lr": 0.05, RUN_ID_KEY: "1"}
     content = RecordDict(
-        {"arrays": model_to_record(FedAvgCNN(seed=0)), "config": ConfigRecord(config)}
+        {"arrays": model_to_record(resolve_task(task).make_model()),
+         "config": ConfigRecord(config)}
     )
     metadata = Metadata(
         run_id=1, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=node_id,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import warnings
 from typing import Any
 
@@ -197,12 +198,29 @@ def int8_kernels_available() -> bool:
     return any(e in engines for e in ("x86", "fbgemm", "qnnpack", "onednn"))
 
 
+def _prefer_qnnpack_on_arm() -> None:
+    """On ARM, pack and run int8 layers with QNNPACK, the engine built for ARM CPUs.
+
+    torch 2.6's aarch64 build defaults to oneDNN, whose dynamic int8 Linear
+    gave the same class for every input of the CNN's int8 export on an
+    emulated arm64 device (scripts/pi-emulate), where QNNPACK matched x86
+    label for label. Where QNNPACK cannot start, packing fails and the
+    caller keeps the float layers.
+    """
+    if platform.machine().lower() in ("aarch64", "arm64") and (
+        "qnnpack" in torch.backends.quantized.supported_engines
+    ):
+        torch.backends.quantized.engine = "qnnpack"
+
+
 def _int8_linear(model: nn.Module, mf: ModelFile) -> list[tuple[str, nn.Module]]:
     """Swap Linear layers stored as per-channel int8 for dynamic int8 ones.
 
     Returns the (name, original layer) pairs replaced, so a caller can put them back.
     """
     from torch.ao.nn.quantized import dynamic as nnqd
+
+    _prefer_qnnpack_on_arm()
 
     swaps = []
     for name, module in model.named_modules():

@@ -159,7 +159,7 @@ class _SgdStep:
             p.add_(grad, alpha=-self.lr)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: tensors made here never need it
 def evaluate(
     model: nn.Module,
     x: np.ndarray | torch.Tensor,

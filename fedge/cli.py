@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -133,6 +134,35 @@ def bench_aggregate(
             "expected two integers, e.g. 20,200", param_hint="--counts"
         ) from None
     main(json_output=json_output, params=params, counts=pair, held=held)
+
+
+@bench_app.command("edge")
+def bench_edge(
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object and nothing else."
+    ),
+    arm64: bool = typer.Option(
+        False, "--arm64", help="Also run scripts/pi-emulate (root, Debian; many minutes)."
+    ),
+    arm64_result: Path | None = typer.Option(
+        None, "--arm64-result", exists=True, dir_okay=False,
+        help="Take the arm64 object from a saved `scripts/pi-emulate --out FILE`.",
+    ),
+    limit_mb: int = typer.Option(512, "--limit-mb", min=64, help="Memory cgroup limit, MB."),
+    search: bool = typer.Option(
+        True, "--search/--no-search", help="Also bisect for the smallest passing limit."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Also write the JSON to this file."),
+) -> None:
+    """A Pi-class device: training within a 512 MB memory cgroup; optionally an arm64 run."""
+    from fedge.bench.edge_bench import cgroup_v1_unusable, main
+
+    reason = cgroup_v1_unusable()
+    if reason:
+        typer.echo(f"fedge bench edge: {reason}; run it as root on a cgroup v1 host", err=True)
+        raise typer.Exit(2)
+    main(json_output=json_output, arm64=arm64, arm64_result=arm64_result,
+         limit_mb=limit_mb, search=search, out=out)
 
 
 @bench_app.command("transport")
