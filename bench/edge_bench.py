@@ -285,9 +285,17 @@ def arm64_section(result_file: Path | None = None, timeout_s: float = 7200.0) ->
     return json.loads(lines[-1])
 
 
+def onnx_section() -> dict[str, Any]:
+    """Torch-free inference: ONNX Runtime against `fedge predict` (bench/onnx_bench.py)."""
+    from fedge.bench.onnx_bench import onnx_measurements
+
+    return onnx_measurements()
+
+
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "budget": budget_section,
     "arm64": arm64_section,
+    "onnx": onnx_section,
 }
 
 
@@ -298,12 +306,15 @@ def main(
     arm64_result: Path | None = None,
     limit_mb: float = LIMIT_MB,
     search: bool = True,
+    onnx: bool = True,
     out: Path | None = None,
 ) -> dict[str, Any]:
     """Print the sections asked for as one JSON object (and write it to `out`)."""
     result: dict[str, Any] = {"budget": budget_section(limit_mb, search=search)}
     if arm64 or arm64_result is not None:
         result["arm64"] = arm64_section(arm64_result)
+    if onnx:
+        result["onnx"] = onnx_section()
     text = json.dumps(result, indent=None if json_output else 2)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -152,6 +152,9 @@ def bench_edge(
     search: bool = typer.Option(
         True, "--search/--no-search", help="Also bisect for the smallest passing limit."
     ),
+    onnx: bool = typer.Option(
+        True, "--onnx/--no-onnx", help="Also measure torch-free inference (ONNX Runtime)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Also write the JSON to this file."),
 ) -> None:
     """A Pi-class device: training within a 512 MB memory cgroup; optionally an arm64 run."""
@@ -162,7 +165,7 @@ def bench_edge(
         typer.echo(f"fedge bench edge: {reason}; run it as root on a cgroup v1 host", err=True)
         raise typer.Exit(2)
     main(json_output=json_output, arm64=arm64, arm64_result=arm64_result,
-         limit_mb=limit_mb, search=search, out=out)
+         limit_mb=limit_mb, search=search, onnx=onnx, out=out)
 
 
 @bench_app.command("transport")
