@@ -30,7 +30,8 @@ from fedge.common.codec_spec import VALUE_CODECS, parse_codec
 from fedge.common.errors import CodecSpecError
 
 #: what the `strategy` key may name; `server_app.build_strategy` builds each of them
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+              "fedavgm")
 
 _CODEC_HINT = (f"a codec spec is {', '.join(VALUE_CODECS)}, with options "
                "(int8:block=64, int4:stochastic) or top-k (topk=0.01+int4)")
@@ -89,6 +90,9 @@ _RANGES: dict[str, _Range] = {
     "batch-size": _Range(int, 1),
     "proximal-mu": _Range(float, 0),
     "server-lr": _Range(float, 0, low_open=True),
+    "server-momentum": _Range(float, 0, 1, high_open=True),
+    "lr-decay": _Range(float, 0, 1, low_open=True),
+    "server-tau": _Range(float, 0, low_open=True),
     "trim-beta": _Range(float, 0, 0.5, high_open=True),
     "krum-malicious": _Range(int, 0),
     "seed": _Range(int, 0),
