@@ -10,7 +10,9 @@ the file's `source-version`); then it replaces `<data>/model.<F>.pb`
 atomically (temporary file, fsync, rename, fsync of the folder). A refused
 download (a flipped byte, a truncated body, another version) is logged and
 dropped: the previous good model stays, and the next poll tries again.
-`fedge predict --model <data>/model.<F>.pb INPUT...` serves from that file.
+`fedge predict --model <data>/model.<F>.pb INPUT...` serves from that file,
+with the device's personal head (`<data>/personal-head.npz`, common/personal.py)
+in place of the global one when the device keeps one.
 
 Why HTTP and not gRPC `FetchModel`: the HTTP API already serves verified,
 content-hashed export files in every format (int8 is what a small device

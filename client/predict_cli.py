@@ -5,6 +5,11 @@ holding `{"inputs": [...]}` or a bare list, as `POST /v1/predict` takes; each
 is one example (the task's input shape, e.g. [1, 28, 28]) or a batch of them.
 Values are what the task's model takes (Fashion-MNIST: float pixels in [0, 1]).
 
+A device that personalizes keeps its personal head next to its model file
+(`<data>/personal-head.npz`, written by `fedge.client.personal`); `--personal
+auto` (the default) predicts with it when it is there, `--personal none` with
+the global model alone, `--personal FILE` with that file.
+
 Only typer is imported at the top; torch and the loader when the command runs.
 A refused model file or unusable input is one line on stderr and exit code 1,
 never a traceback.
@@ -50,6 +55,23 @@ def _read_input(path: Path) -> Any:
     raise _fail(f"{path}: unknown input type {suffix or '(none)'!r}; use .npy or .json")
 
 
+def _use_personal(predictor: Any, model: Path, personal: str) -> Path | None:
+    """Load the device's personal part into the predictor's model; the file used, or None."""
+    from fedge.common.personal import PersonalError, apply_personal, load_personal, personal_path
+
+    if personal == "none":
+        return None
+    path = personal_path(model) if personal == "auto" else Path(personal)
+    if personal == "auto" and not path.is_file():
+        return None
+    try:
+        apply_personal(predictor.model, load_personal(path))
+    except PersonalError as e:
+        raise _fail(f"personal model {path}: {e}") from None
+    predictor.model.eval()
+    return path
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
@@ -71,6 +93,11 @@ def predict_command(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Examples per model call."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    personal: str = typer.Option(
+        "auto", "--personal",
+        help="auto (the device's personal-head.npz next to the model file, when there) | "
+        "none (the global model) | a personal-part file.",
+    ),
 ) -> None:
     """Predict with a model file on this CPU; refuses a damaged or tampered file."""
     from fedge.common.export import ModelFileError
@@ -86,6 +113,7 @@ def predict_command(
         predictor = load_predictor(model, task=task, kernels=kernels)
     except ModelFileError as e:
         raise _fail(f"refused model file {model} ({e.reason}): {e.detail}") from None
+    personal_file = _use_personal(predictor, model, personal)
     rows: list[dict[str, Any]] = []
     for path in inputs:
         try:
@@ -113,6 +141,7 @@ def predict_command(
                 "source_version": info.source_version,
                 "content_sha256": info.content_hash,
                 "kernels": predictor.kernels,
+                "personal": None if personal_file is None else str(personal_file),
             },
             "predictions": rows,
         }

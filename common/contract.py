@@ -69,3 +69,13 @@ ANCHOR_META_STATE_KEY = "fedge.downlink"
 REPORT_STATE_KEY = "fedge.report"
 #: ServerApp: the final global model (ArrayRecord)
 FINAL_ARRAYS_STATE_KEY = "fedge.final-arrays"
+#: device: its personal part (ArrayRecord: the head fitted to its own data), never sent
+PERSONAL_STATE_KEY = "fedge.personal"
+
+# ---------------------------------------------------------------- personal models
+
+#: run-config `personalize`: what a device fits to its own data (common/personal.py)
+PERSONAL_MODES = ("none", "head", "full")
+#: node-config key: the file a device writes its personal part to (its folder's
+#: `personal-head.npz`, which `fedge predict` reads next to the model file)
+PERSONAL_PATH_KEY = "personal-path"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.common.codec_spec import VALUE_CODECS, parse_codec
+from fedge.common.contract import PERSONAL_MODES
 from fedge.common.errors import CodecSpecError
 
 #: what the `strategy` key may name; `server_app.build_strategy` builds each of them
@@ -93,6 +94,8 @@ _RANGES: dict[str, _Range] = {
     "server-momentum": _Range(float, 0, 1, high_open=True),
     "lr-decay": _Range(float, 0, 1, low_open=True),
     "server-tau": _Range(float, 0, low_open=True),
+    "personal-epochs": _Range(int, 1),
+    "personal-lr": _Range(float, 0, low_open=True),
     "trim-beta": _Range(float, 0, 0.5, high_open=True),
     "krum-malicious": _Range(int, 0),
     "seed": _Range(int, 0),
@@ -215,6 +218,7 @@ def validate_run_config(
 
     _choice(config, "strategy", "fedavg", STRATEGIES)
     _choice(config, "partition", "iid", PARTITIONERS)
+    _choice(config, "personalize", "none", PERSONAL_MODES)
     check_codec("codec", config.get("codec", "none"))
     for key, rng in _RANGES.items():
         if key in config:
