@@ -25,7 +25,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MessageType
 
 from fedge.client.flower_compat import ClientAppCallable
-from fedge.common.arrays import record_to_model
+from fedge.common.arrays import arrays_to_record, record_to_model
 from fedge.common.contract import PERSONAL_PATH_KEY, PERSONAL_STATE_KEY
 from fedge.common.personal import DEFAULTS, apply_personal, personalize, save_personal
 from fedge.common.task import DEFAULT_TASK, resolve_task
@@ -70,7 +70,7 @@ def fit_personal(message: Message, context: Context) -> dict[str, Any] | None:
         batch_size=int(cfg.get("batch-size", DEFAULTS["batch-size"])),
         seed=int(cfg.get("seed", 0)) + int(context.node_config.get("partition-id", 0)),
     )
-    context.state[PERSONAL_STATE_KEY] = ArrayRecord({k: v for k, v in arrays.items()})
+    context.state[PERSONAL_STATE_KEY] = arrays_to_record(arrays)
     path = context.node_config.get(PERSONAL_PATH_KEY)
     if path:
         save_personal(Path(str(path)), arrays)

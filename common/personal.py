@@ -145,10 +145,11 @@ def apply_personal(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Mod
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, layer)
     check_personal(model, arrays)
-    state = model.state_dict()
-    new = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(state[k].dtype)
-           for k, v in arrays.items()}
-    model.load_state_dict(new, strict=False)
+    with torch.no_grad():  # tensor by tensor: other layers may be quantized, with no such keys
+        for key, value in arrays.items():
+            owner, _, attr = key.rpartition(".")
+            target = getattr(model.get_submodule(owner) if owner else model, attr)
+            target.copy_(torch.from_numpy(np.array(value, dtype=np.float32)).to(target.dtype))
     return model
 
 
