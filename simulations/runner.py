@@ -45,6 +45,7 @@ class SimulationOptions:
     downlink: str = "none"
     downlink_first_contact: str = "full"  # or "compressed": the model quantized, too
     out: Path = Path("fedge-out")
+    gpus_per_client: float = 0.0  # Flower's num_gpus per virtual client (Ray backend)
 
     def run_config(self, codec: str) -> dict[str, Any]:
         """The run config one codec's run is given (ServerApp and virtual clients alike)."""
@@ -168,7 +169,8 @@ def simulate(
     if runner is None:
         from fedge.simulations.engine import run_in_ray
 
-        runner = functools.partial(run_in_ray, flower_log_level=flower_log_level)
+        runner = functools.partial(run_in_ray, flower_log_level=flower_log_level,
+                                   gpus_per_client=options.gpus_per_client)
     console = console or Console()
     reports: list[RunReport] = []
     started = time.perf_counter()
