@@ -51,7 +51,8 @@ for pair in common:common server:server client:client simulations:simulations be
     ln -s "$ROOT/${pair#*:}" "$PKG/fedge/${pair%%:*}"
 done
 export PYTHONPATH="${SITE:+$SITE:}$PKG"
-export PYTHONDONTWRITEBYTECODE=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# PYTHONSAFEPATH: the repo root holds a `fedge/` folder that would shadow the symlink tree
+export PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MPLBACKEND=Agg
 export FEDGE_INPROCESS_WORKERS=${FEDGE_INPROCESS_WORKERS:-2}
 if [[ -d "$ROOT/.data/fashion-mnist" ]]; then
