@@ -77,7 +77,7 @@ def head_inputs(model: nn.Module, x: np.ndarray | torch.Tensor, *, batch_size: i
         hook.remove()
         model.to("cpu")
     if not captured:
-        return torch.zeros((0, head.in_features))
+        return torch.zeros((0, int(getattr(head, "in_features", 0))))
     return torch.cat(captured).to("cpu")
 
 
@@ -156,7 +156,8 @@ def apply_personal(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Mod
 def personal_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """The personal part as `.npz` bytes (no pickled objects)."""
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    save: Any = np.savez  # numpy's stub types **arrays as its own keyword arguments
+    save(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
     return buf.getvalue()
 
 

@@ -150,7 +150,7 @@ def _train(
     """`train`'s loop, on `dev` (tensors and model already there)."""
     n = int(xt.shape[0])
     on_cpu = dev.type == "cpu"
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     anchor: list[torch.Tensor] = []
     if proximal_mu > 0:
         if global_params is None:

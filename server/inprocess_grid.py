@@ -228,9 +228,8 @@ class InProcessGrid(RunGrid):
     # ------------------------------------------------------------ execution
 
     def _iter_replies(self, message_ids: list[str]) -> Iterator[Message]:
-        pending = [self._pending[m] for m in message_ids if m in self._pending]
-        nodes = [p.node_id for p in pending]
-        if self.workers > 1 and len(pending) > 1 and len(set(nodes)) == len(nodes):
+        nodes = [self._pending[m].node_id for m in message_ids if m in self._pending]
+        if self.workers > 1 and len(nodes) > 1 and len(set(nodes)) == len(nodes):
             yield from self._iter_parallel(message_ids)
             return
         for msg_id in message_ids:

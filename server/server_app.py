@@ -188,7 +188,9 @@ class LrDecay:
     ) -> Iterable[Message]:
         if "lr" in config and self.lr_decay != 1.0:
             config = ConfigRecord(dict(config))
-            config["lr"] = float(config["lr"]) * self.lr_decay ** max(0, server_round - 1)
+            base = config["lr"]
+            assert isinstance(base, int | float)
+            config["lr"] = float(base) * self.lr_decay ** max(0, server_round - 1)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
 
