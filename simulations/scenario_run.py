@@ -198,7 +198,7 @@ def write_outputs(out: Path, reports: Sequence[RunReport], meta: dict[str, Any])
                 title=f"{meta['scenario']}: {meta['clients']} clients, "
                       f"{meta['per_round']} a round")
     plot_client_accuracy(body, out / "clients.png",
-                         title=f"{meta['scenario']}: accuracy on each client's own test split")
+                         title=f"{meta['scenario']}: accuracy on own test split")
     (out / "report.md").write_text(f"## {meta['scenario']}\n\n`{meta['command']}`\n\n"
                                    + markdown_table(body))
     return path
