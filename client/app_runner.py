@@ -57,8 +57,9 @@ def load_client_app(ref: str) -> ClientCallable:
     if ref == DEFAULT_APP_REF:
         from fedge.client.client_app import make_client_app
         from fedge.client.compression_mod import compression_mod
+        from fedge.client.personal import personal_mod  # acts only when `personalize` is set
 
-        return make_client_app(mods=[compression_mod])
+        return make_client_app(mods=[compression_mod, personal_mod])
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise ValueError(f"app reference {ref!r} is not module:attr")

@@ -79,3 +79,5 @@ PERSONAL_MODES = ("none", "head", "full")
 #: node-config key: the file a device writes its personal part to (its folder's
 #: `personal-head.npz`, which `fedge predict` reads next to the model file)
 PERSONAL_PATH_KEY = "personal-path"
+#: its name in the device folder, next to the model file `fedge predict` reads
+PERSONAL_FILE_NAME = "personal-head.npz"

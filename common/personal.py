@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from fedge.common.atomic_file import atomic_write
-from fedge.common.contract import PERSONAL_MODES
+from fedge.common.contract import PERSONAL_FILE_NAME, PERSONAL_MODES
 from fedge.common.training import resolve_device, train
 
 #: the file a device keeps its personal part in, next to its model file
-PERSONAL_FILE = "personal-head.npz"
+PERSONAL_FILE = PERSONAL_FILE_NAME
 MODES = tuple(m for m in PERSONAL_MODES if m != "none")
 DEFAULTS: dict[str, Any] = {"mode": "head", "epochs": 10, "lr": 0.05, "batch-size": 32}
 MAX_PERSONAL_FILE_BYTES = 256 << 20
