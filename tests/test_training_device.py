@@ -70,3 +70,23 @@ def test_cuda_trains_and_hands_back_a_cpu_model() -> None:
     for a, b in zip(cpu.parameters(), gpu.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert abs(evaluate(gpu, x, y, device="cuda")[1] - evaluate(cpu, x, y)[1]) < 0.01
+
+
+def test_ray_backend_asks_for_gpus_only_when_told() -> None:
+    from fedge.simulations.engine import ray_backend_config
+
+    plain = ray_backend_config()
+    assert plain["client_resources"]["num_gpus"] == 0.0
+    assert "runtime_env" not in plain["init_args"]
+    gpu = ray_backend_config(num_gpus_per_client=0.25)
+    assert gpu["client_resources"]["num_gpus"] == 0.25
+    assert gpu["init_args"]["runtime_env"]["env_vars"] == {DEVICE_ENV: "auto"}
+
+
+def test_gpus_per_client_is_refused_below_zero() -> None:
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--gpus-per-client", "-1"])
+    assert result.exit_code == 2 and "gpus-per-client" in result.output
