@@ -96,7 +96,14 @@ run_one() {
 }
 export -f run_one safe
 export PY OUT SMOKE RUN_BUDGET_S started
+monitor=""
+if command -v nvidia-smi >/dev/null; then  # GPU use every 5 s while the runs go
+    nvidia-smi dmon -s um -d 5 > "$OUT/gpu-use.txt" 2>&1 &
+    monitor=$!
+fi
+echo "$(date -u +%T) ${#labels[@]} runs, $JOBS at a time, $RUN_BUDGET_S s each at most"
 printf '%s\n' "${labels[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one "$1"' _ {}
+[[ -n "$monitor" ]] && kill "$monitor" 2>/dev/null
 
 # ---- 4. one report from the runs that finished (in the scenario's order)
 parts=""
