@@ -102,9 +102,12 @@ def run_command(
     from fedge.client.device_state import DeviceFolderError
     from fedge.client.edge_runtime import EdgeDevice
     from fedge.common.alloc import limit_heap_growth
+    from fedge.common.contract import PERSONAL_FILE_NAME, PERSONAL_PATH_KEY
 
     limit_heap_growth()
     config: dict[str, bool | int | float | str] = {"data-dir": str(data.expanduser().resolve())}
+    # a personalizing run keeps the device's head here, where `fedge predict` finds it
+    config[PERSONAL_PATH_KEY] = str(data.expanduser().resolve() / PERSONAL_FILE_NAME)
     if partition_id is not None:
         config["partition-id"] = partition_id
         config["num-partitions"] = num_partitions or 1

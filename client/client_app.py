@@ -32,6 +32,7 @@ from torch import nn
 
 from fedge.client.compression_mod import compression_mod
 from fedge.client.flower_compat import Mod
+from fedge.client.personal import personal_mod
 from fedge.common.arrays import arrays_to_record, model_to_arrays, record_to_model
 from fedge.common.task import DEFAULT_TASK, ClientData, Task, resolve_task
 from fedge.common.training import evaluate, torch_threads, train
@@ -166,7 +167,8 @@ def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
 
 
 #: what fedge's own ClientApp carries: compression (which rebuilds a compressed downlink first)
-FEDGE_MODS: tuple[Mod, ...] = (compression_mod,)
+#: compression outermost; the personal mod acts only when the run sets `personalize`
+FEDGE_MODS: tuple[Mod, ...] = (compression_mod, personal_mod)
 
 #: fedge's ClientApp, as `flwr run .`, `fedge simulate` and `fedge client run` load it
 app = make_client_app(mods=FEDGE_MODS)

@@ -13,6 +13,9 @@ download (a flipped byte, a truncated body, another version) is logged and
 dropped: the previous good model stays, and the next poll tries again.
 `fedge predict --model <data>/model.<F>.onnx INPUT...` serves from that file;
 with the ONNX formats the device needs no torch at all (`fedge[inference]`).
+A `.pb` model is served with the device's personal head
+(`<data>/personal-head.npz`, common/personal.py) in place of the global one
+when the device keeps one.
 
 Identity: a device enrolled with `fedge enroll` (its `<data>/identity/`)
 presents its certificate to an `https://` model URL (mutual TLS, trusting the

@@ -8,9 +8,16 @@ Values are what the task's model takes (Fashion-MNIST: float pixels in [0, 1]).
 Two runtimes, chosen by the file: a `.onnx` export (`fedge export --format
 onnx|onnx-int8`) runs with ONNX Runtime and never imports torch, so a device
 installed with `fedge[inference]` predicts without PyTorch; a `.pb` export
-runs with torch (`fedge.common.inference`). Only typer is imported at the
-top; the runtime when the command runs. A refused model file or unusable
-input is one line on stderr and exit code 1, never a traceback.
+runs with torch (`fedge.common.inference`).
+
+A device that personalizes keeps its personal head next to its model file
+(`<data>/personal-head.npz`, written by `fedge.client.personal`); `--personal
+auto` (the default) predicts with it when it is there (`.pb` exports), `--personal
+none` with the global model alone, `--personal FILE` with that file.
+
+Only typer is imported at the top; the runtime when the command runs.
+A refused model file or unusable input is one line on stderr and exit code 1,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -51,6 +58,23 @@ def _read_input(path: Path) -> Any:
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise _fail(f"{path}: not a readable {suffix[1:]} file ({e})") from None
     raise _fail(f"{path}: unknown input type {suffix or '(none)'!r}; use .npy or .json")
+
+
+def _use_personal(predictor: Any, model: Path, personal: str) -> Path | None:
+    """Load the device's personal part into the predictor's model; the file used, or None."""
+    from fedge.common.personal import PersonalError, apply_personal, load_personal, personal_path
+
+    if personal == "none":
+        return None
+    path = personal_path(model) if personal == "auto" else Path(personal)
+    if personal == "auto" and not path.is_file():
+        return None
+    try:
+        apply_personal(predictor.model, load_personal(path))
+    except PersonalError as e:
+        raise _fail(f"personal model {path}: {e}") from None
+    predictor.model.eval()
+    return path
 
 
 def _no_constant(name: str) -> Any:
@@ -111,15 +135,24 @@ def predict_command(
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (torch's "
                                        "or ONNX Runtime's)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    personal: str = typer.Option(
+        "auto", "--personal",
+        help="auto (the device's personal-head.npz next to the model file, when there) | "
+        "none (the global model) | a personal-part file.",
+    ),
 ) -> None:
     """Predict with a model file on this CPU; refuses a damaged or tampered file."""
     from fedge.common.onnx_file import is_onnx_path
     from fedge.common.predictions import InputError
 
+    personal_file: Path | None = None
     if is_onnx_path(str(model)):
+        if personal not in ("auto", "none"):
+            raise _fail("--personal FILE needs a .pb export: an .onnx file carries its graph")
         predictor = _load_onnx(model, task, kernels, threads)
     else:
         predictor = _load_torch(model, task, kernels, threads)
+        personal_file = _use_personal(predictor, model, personal)
     rows: list[dict[str, Any]] = []
     for path in inputs:
         try:
@@ -147,6 +180,7 @@ def predict_command(
                 "source_version": info.source_version,
                 "content_sha256": info.content_hash,
                 "kernels": predictor.kernels,
+                "personal": None if personal_file is None else str(personal_file),
             },
             "predictions": rows,
         }

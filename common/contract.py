@@ -80,3 +80,15 @@ DP_CLIP_KEY = "fedge.dp-clip"
 #: ConfigRecord a device adds to its train reply under DP, and its key: norm <= C (bool)
 DP_REPLY_KEY = "fedge.dp"
 DP_BELOW_CLIP_KEY = "below-clip"
+#: device: its personal part (ArrayRecord: the head fitted to its own data), never sent
+PERSONAL_STATE_KEY = "fedge.personal"
+
+# ---------------------------------------------------------------- personal models
+
+#: run-config `personalize`: what a device fits to its own data (common/personal.py)
+PERSONAL_MODES = ("none", "head", "full")
+#: node-config key: the file a device writes its personal part to (its folder's
+#: `personal-head.npz`, which `fedge predict` reads next to the model file)
+PERSONAL_PATH_KEY = "personal-path"
+#: its name in the device folder, next to the model file `fedge predict` reads
+PERSONAL_FILE_NAME = "personal-head.npz"

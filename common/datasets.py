@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import functools
 import gzip
+import os
 import zlib
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: Debian's folder, unless FEDGE_FASHION_MNIST_DIR names another (a machine without the
+#: package that carries the files, e.g. scripts/gpu_scenario.sh's `.data/fashion-mnist`)
+DEFAULT_FASHION_MNIST_DIR = Path(os.environ.get("FEDGE_FASHION_MNIST_DIR")
+                                 or "/usr/share/datasets/fashion-mnist")
 
 FASHION_MNIST_LABELS: tuple[str, ...] = (
     "T-shirt/top",

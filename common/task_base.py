@@ -8,6 +8,7 @@ registry) so that a built-in task living in its own module, such as
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ def _config_key(config: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]
 
 
 _MEMO_CONFIGS = 2
+_MEMO_LOCK = threading.Lock()  # the in-process grid may run clients in threads
 
 
 def _memo(store: dict[Any, dict[Any, Any]], config: Mapping[str, Any] | None) -> dict[Any, Any]:
@@ -59,12 +61,13 @@ def _memo(store: dict[Any, dict[Any, Any]], config: Mapping[str, Any] | None) ->
     one copy of the data per run.
     """
     key = _config_key(config)
-    memo = store.pop(key, None)
-    if memo is None:
-        memo = {}
-        while len(store) >= _MEMO_CONFIGS:
-            store.pop(next(iter(store)))
-    store[key] = memo  # most recent last
+    with _MEMO_LOCK:
+        memo = store.pop(key, None)
+        if memo is None:
+            memo = {}
+            while len(store) >= _MEMO_CONFIGS:
+                store.pop(next(iter(store)))
+        store[key] = memo  # most recent last
     return memo
 
 

@@ -1,4 +1,9 @@
-"""Local training and evaluation on CPU: the work a device does each round.
+"""Local training and evaluation: the work a device does each round.
+
+Devices train on their CPU. A simulation may train on CUDA (`use_device("auto")`
+or `FEDGE_TORCH_DEVICE=auto`): the model and the client's arrays move to the
+GPU for the call and the model comes back to the CPU, so callers never see a
+CUDA tensor. With no GPU, "auto" is the CPU, and the CPU path is unchanged.
 
 Plain minibatch SGD (no momentum by default), as in the FedAvg paper: the
 optimizer keeps no state between rounds, so a device's memory is the model, its
@@ -8,6 +13,7 @@ gradients and one batch, and FedAvg's analysis applies as is. FedProx adds
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -15,6 +21,39 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+#: environment variable naming the torch device for training and evaluation (cpu|cuda|auto)
+DEVICE_ENV = "FEDGE_TORCH_DEVICE"
+DEVICE_CHOICES = ("cpu", "cuda", "auto")
+_default_device: str | None = None
+
+
+def resolve_device(spec: str | torch.device | None = None) -> torch.device:
+    """The torch device for `spec`: cpu, cuda[:N], or auto (CUDA when available, else CPU).
+
+    None means the process default: `use_device`'s, else `FEDGE_TORCH_DEVICE`,
+    else the CPU (a device's own default). "cuda" without a GPU falls back to
+    the CPU too: a simulation asked for a GPU still runs where there is none.
+    """
+    if isinstance(spec, torch.device):
+        return spec
+    text = (spec or _default_device or os.environ.get(DEVICE_ENV) or "cpu").strip().lower()
+    if text == "cpu":
+        return torch.device("cpu")
+    if text != "auto" and not text.startswith("cuda"):
+        raise ValueError(f"unknown torch device {text!r}; choose {', '.join(DEVICE_CHOICES)}")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda" if text == "auto" else text)
+
+
+def use_device(spec: str | None) -> torch.device:
+    """Set this process's default device for `train`/`evaluate` (None: back to env/CPU)."""
+    global _default_device
+    if spec is not None:
+        resolve_device(spec)  # refuse a bad name now
+    _default_device = spec
+    return resolve_device()
 
 
 def set_threads(n: int | None) -> None:
@@ -64,6 +103,7 @@ def train(
     seed: int = 0,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    device: str | torch.device | None = None,
 ) -> dict[str, float | int]:
     """Fine-tune `model` in place with minibatch SGD and return its figures.
 
@@ -73,6 +113,7 @@ def train(
     samples x epochs. Shuffling is seeded by `seed`. With `proximal_mu > 0` the
     anchor is `global_params` (parameters in `model.parameters()` order, or a
     name->tensor mapping), defaulting to the weights `model` starts from.
+    `device` (see `resolve_device`): where the work runs; the model ends on the CPU.
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
@@ -80,8 +121,36 @@ def train(
     n = int(xt.shape[0])
     if n == 0 or epochs == 0:
         return {"train_loss": 0.0, "num_examples": n}
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        return _train(model, xt, yt, epochs, batch_size, lr, proximal_mu, global_params, seed,
+                      momentum, weight_decay, dev)
+    model.to(dev)
+    try:
+        return _train(model, xt.to(dev), yt.to(dev), epochs, batch_size, lr, proximal_mu,
+                      global_params, seed, momentum, weight_decay, dev)
+    finally:
+        model.to("cpu")
 
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def _train(
+    model: nn.Module,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    proximal_mu: float,
+    global_params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None,
+    seed: int,
+    momentum: float,
+    weight_decay: float,
+    dev: torch.device,
+) -> dict[str, float | int]:
+    """`train`'s loop, on `dev` (tensors and model already there)."""
+    n = int(xt.shape[0])
+    on_cpu = dev.type == "cpu"
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     anchor: list[torch.Tensor] = []
     if proximal_mu > 0:
         if global_params is None:
@@ -89,12 +158,12 @@ def train(
         elif isinstance(global_params, Mapping):
             named = dict(model.named_parameters())
             anchor = [
-                _tensor(global_params[k], torch.float32).detach()
+                _tensor(global_params[k], torch.float32).detach().to(dev)
                 for k, p in named.items()
                 if p.requires_grad
             ]
         else:
-            anchor = [_tensor(g, torch.float32).detach() for g in global_params]
+            anchor = [_tensor(g, torch.float32).detach().to(dev) for g in global_params]
         if len(anchor) != len(params) or any(
             a.shape != p.shape for a, p in zip(anchor, params, strict=False)
         ):
@@ -105,20 +174,24 @@ def train(
     model.train()
     epoch_loss = 0.0
     for _ in range(epochs):
+        # the permutation is drawn on the CPU: the same batches on every device
         perm = torch.randperm(n, generator=gen)
-        total = 0.0
+        if not on_cpu:
+            perm = perm.to(dev)
+        total: float | torch.Tensor = 0.0
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             xb, yb = xt[idx], yt[idx]
             step.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
-            total += float(loss.detach()) * len(idx)
+            # on a GPU the sum stays there: one synchronisation per epoch, not per batch
+            total = total + (float(loss.detach()) if on_cpu else loss.detach()) * len(idx)
             if anchor:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             step()
-        epoch_loss = total / n
+        epoch_loss = float(total) / n
     return {"train_loss": epoch_loss, "num_examples": n}
 
 
@@ -165,12 +238,24 @@ def evaluate(
     x: np.ndarray | torch.Tensor,
     y: np.ndarray | torch.Tensor,
     batch_size: int = 256,
+    device: str | torch.device | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on (x, y); (0.0, 0.0) when empty."""
+    """Mean cross-entropy and accuracy of `model` on (x, y); (0.0, 0.0) when empty.
+
+    On a GPU (`device`, see `resolve_device`) batches are 8x larger and the
+    sums stay on the GPU until the end; the model ends on the CPU.
+    """
     xt, yt = _tensor(x, torch.float32), _tensor(y, torch.int64)
     n = int(xt.shape[0])
     if n == 0:
         return 0.0, 0.0
+    dev = resolve_device(device)
+    if dev.type != "cpu":
+        model.to(dev)
+        try:
+            return _evaluate_on(model, xt.to(dev), yt.to(dev), batch_size * 8)
+        finally:
+            model.to("cpu")
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, n, max(1, batch_size)):
@@ -179,3 +264,19 @@ def evaluate(
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(dim=1) == yb).sum())
     return loss_sum / n, correct / n
+
+
+@torch.no_grad()
+def _evaluate_on(model: nn.Module, xt: torch.Tensor, yt: torch.Tensor, batch_size: int
+                 ) -> tuple[float, float]:
+    """`evaluate` on an accelerator: the sums stay there, one synchronisation at the end."""
+    model.eval()
+    n = int(xt.shape[0])
+    loss_sum = torch.zeros((), device=xt.device, dtype=torch.float64)
+    correct = torch.zeros((), device=xt.device, dtype=torch.int64)
+    for start in range(0, n, max(1, batch_size)):
+        xb, yb = xt[start : start + batch_size], yt[start : start + batch_size]
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == yb).sum()
+    return float(loss_sum) / n, int(correct) / n

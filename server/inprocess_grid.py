@@ -12,6 +12,12 @@ By default every message, reply and context crosses Flower's own protobuf
 a ClientApp cannot share objects with the server by accident and anything
 that would not survive the wire fails here too; the bytes are counted.
 
+With `workers > 1` the nodes of one pull run in that many threads (replies
+still come back in message order): on a GPU, one client's training leaves
+the device idle between small kernels, so a few clients at once fill it.
+Each node runs at most one message at a time; on a CPU the default of one
+worker keeps runs bit-for-bit as before.
+
 Nodes can be made to fail (`set_failure`): "raise" makes the node's app raise
 (the reply becomes a Flower error reply, as Flower's runtimes do), "no-reply"
 makes the node vanish for the message (no reply at all, as a dropped device).
@@ -23,6 +29,7 @@ import logging
 import random
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -96,6 +103,7 @@ class InProcessGrid(RunGrid):
         seed: int = 0,
         serialize: bool = True,
         stream_replies: bool = False,
+        workers: int = 1,
     ) -> None:
         clients = list(client) if isinstance(client, Sequence) else None
         if num_nodes is None:
@@ -109,6 +117,7 @@ class InProcessGrid(RunGrid):
         self.run_config: dict[str, int | float | str | bool] = dict(run_config or {})
         self.serialize = serialize
         self.stream_replies = stream_replies
+        self.workers = max(1, int(workers))
         self.wire = WireStats()
         self._run = make_run(run_id, self.run_config)
         self._pending: dict[str, _Pending] = {}
@@ -219,6 +228,10 @@ class InProcessGrid(RunGrid):
     # ------------------------------------------------------------ execution
 
     def _iter_replies(self, message_ids: list[str]) -> Iterator[Message]:
+        nodes = [self._pending[m].node_id for m in message_ids if m in self._pending]
+        if self.workers > 1 and len(nodes) > 1 and len(set(nodes)) == len(nodes):
+            yield from self._iter_parallel(message_ids)
+            return
         for msg_id in message_ids:
             pending = self._pending.pop(msg_id, None)
             if pending is None:
@@ -226,6 +239,18 @@ class InProcessGrid(RunGrid):
             reply = self._execute(pending)
             if reply is not None:
                 yield reply
+
+    def _iter_parallel(self, message_ids: list[str]) -> Iterator[Message]:
+        """Run the messages' nodes `workers` at a time; yield replies in message order."""
+        taken = [self._pending.pop(m) for m in message_ids if m in self._pending]
+        with ThreadPoolExecutor(max_workers=self.workers,
+                                thread_name_prefix="inprocess-node") as pool:
+            futures = [pool.submit(self._execute, p) for p in taken]
+            del taken
+            for future in futures:
+                reply = future.result()
+                if reply is not None:
+                    yield reply
 
     def _execute(self, pending: _Pending) -> Message | None:
         node = self._nodes[pending.node_id]

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from fedge.common.codec_spec import VALUE_CODECS, parse_codec
+from fedge.common.contract import PERSONAL_MODES
 from fedge.common.errors import CodecSpecError
 
 #: what the `strategy` key may name; `server_app.build_strategy` builds each of them
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+              "fedavgm")
 
 #: keys whose empty string means "the task's own train default" (a Flower app config,
 #: TOML, has no null: `[tool.flwr.app.config]` declares them as "")
@@ -93,6 +95,11 @@ _RANGES: dict[str, _Range] = {
     "batch-size": _Range(int, 1),
     "proximal-mu": _Range(float, 0),
     "server-lr": _Range(float, 0, low_open=True),
+    "server-momentum": _Range(float, 0, 1, high_open=True),
+    "lr-decay": _Range(float, 0, 1, low_open=True),
+    "server-tau": _Range(float, 0, low_open=True),
+    "personal-epochs": _Range(int, 1),
+    "personal-lr": _Range(float, 0, low_open=True),
     "trim-beta": _Range(float, 0, 0.5, high_open=True),
     "krum-malicious": _Range(int, 0),
     "seed": _Range(int, 0),
@@ -261,6 +268,7 @@ def validate_run_config(
 
     _strategy(config)
     _choice(config, "partition", "iid", PARTITIONERS)
+    _choice(config, "personalize", "none", PERSONAL_MODES)
     check_codec("codec", config.get("codec", "none"))
     hook_lr = config.get(f"lr-round-{config.get('first-round')}")
     for key, rng in _RANGES.items():

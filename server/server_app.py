@@ -5,11 +5,13 @@ Flower's deployment engine and fedge's coordinator. Its settings come from the
 run config (`flwr run --run-config`, or the coordinator's config), over the
 defaults given to `make_server_app(config)`, over `DEFAULTS`:
 
-`task`, `strategy` (fedavg|fedprox|fedadam|fedyogi|fedmedian|fedtrimmedavg|krum, or
-`module:object` naming a Flower strategy object or a zero-argument factory of one),
+`task`, `strategy` (fedavg|fedprox|fedadam|fedyogi|fedmedian|fedtrimmedavg|krum|fedavgm,
+or `module:object` naming a Flower strategy object or a zero-argument factory of one),
 `codec`, `num-rounds`, `fraction-train`, `min-train-nodes`, `fraction-evaluate`,
 `min-evaluate-nodes`, `lr`, `local-epochs`, `batch-size`, `proximal-mu`
-(FedProx only), `server-lr` (FedAdam/FedYogi's eta), `trim-beta`,
+(FedProx only), `server-lr` (FedAdam/FedYogi's eta, default 0.01; FedAvgM's server
+learning rate, default 1.0), `server-momentum` (FedAvgM), `server-tau` (FedAdam/FedYogi's
+tau), `lr-decay` (the client lr of round r is lr x lr-decay^(r-1)), `trim-beta`,
 `krum-malicious`, `seed`, `torch-threads`, `round-timeout`,
 `max-update-bytes`, `report-path`, and for a run that resumes, `first-round`
 (rounds run from here to `num-rounds`, numbered as in the original run) and
@@ -43,6 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -68,7 +71,8 @@ log = logging.getLogger(__name__)
 
 
 #: fields whose default is None (left to the task) and the type a set value has
-_OPTIONAL_KINDS: dict[str, type] = {"lr": float, "local_epochs": int, "batch_size": int}
+_OPTIONAL_KINDS: dict[str, type] = {"lr": float, "local_epochs": int, "batch_size": int,
+                                    "server_lr": float}
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,11 @@ class ServerConfig:
     local_epochs: int | None = None
     batch_size: int | None = None
     proximal_mu: float = 0.01
-    server_lr: float = 0.01
+    # None: the strategy's own default (FedAdam/FedYogi 0.01, FedAvgM 1.0)
+    server_lr: float | None = None
+    server_momentum: float = 0.0
+    server_tau: float = 1e-3
+    lr_decay: float = 1.0
     trim_beta: float = 0.2
     krum_malicious: int = 0
     seed: int = 0
@@ -141,21 +149,65 @@ def build_strategy(cfg: ServerConfig) -> Strategy:
         "min_available_nodes": cfg.min_train_nodes,
     }
     name = cfg.strategy.lower()
-    if name == "fedavg":
-        return FedAvg(**common)
+    made = _STRATEGY_CLASSES.get(name)
+    if made is None:
+        raise ValueError(f"unknown strategy {cfg.strategy!r}")
+    cls = made if cfg.lr_decay == 1.0 else with_lr_decay(made)
+    extra: dict[str, Any] = {}
     if name == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.proximal_mu)
-    if name == "fedadam":
-        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr or 0.1)
-    if name == "fedyogi":
-        return FedYogi(**common, eta=cfg.server_lr, eta_l=cfg.lr or 0.1)
-    if name == "fedmedian":
-        return FedMedian(**common)
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvg(**common, beta=cfg.trim_beta)
-    if name == "krum":
-        return Krum(**common, num_malicious_nodes=cfg.krum_malicious)
-    raise ValueError(f"unknown strategy {cfg.strategy!r}")
+        extra = {"proximal_mu": cfg.proximal_mu}
+    elif name in ("fedadam", "fedyogi"):
+        extra = {"eta": 0.01 if cfg.server_lr is None else cfg.server_lr,
+                 "eta_l": cfg.lr or 0.1, "tau": cfg.server_tau}
+    elif name == "fedavgm":
+        extra = {"server_learning_rate": 1.0 if cfg.server_lr is None else cfg.server_lr,
+                 "server_momentum": cfg.server_momentum}
+    elif name == "fedtrimmedavg":
+        extra = {"beta": cfg.trim_beta}
+    elif name == "krum":
+        extra = {"num_malicious_nodes": cfg.krum_malicious}
+    strategy = cls(**common, **extra)
+    if cfg.lr_decay != 1.0:
+        strategy.lr_decay = cfg.lr_decay  # type: ignore[attr-defined]
+    return strategy
+
+
+_STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+    "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "fedavgm": FedAvgM,
+}
+
+
+class LrDecay:
+    """Mixin: the client learning rate of round r is the configured lr x `lr_decay`^(r-1).
+
+    Late rounds take smaller local steps, so the global model stops swinging
+    towards whichever label-skewed clients were sampled last. A mixin (not a
+    wrapper) keeps the strategy's own class, so `CompressedStrategy` still
+    streams FedAvg's mean for FedAvg and FedProx.
+    """
+
+    lr_decay: float = 1.0
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if "lr" in config and self.lr_decay != 1.0:
+            config = ConfigRecord(dict(config))
+            base = config["lr"]
+            assert isinstance(base, int | float)
+            config["lr"] = float(base) * self.lr_decay ** max(0, server_round - 1)
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+
+_DECAYED: dict[type, type] = {}
+
+
+def with_lr_decay(cls: type[FedAvg]) -> type[FedAvg]:
+    """`cls` with `LrDecay` mixed in (one class per strategy class)."""
+    if cls not in _DECAYED:
+        _DECAYED[cls] = type(f"{cls.__name__}LrDecay", (LrDecay, cls), {})
+    return _DECAYED[cls]
 
 
 def train_config(cfg: ServerConfig, task: Task) -> ConfigRecord:

@@ -84,6 +84,9 @@ def simulate_command(
     merge: str = typer.Option("", help="With --scenario: comma-separated output folders of "
                               "runs split with --only, combined into one report in --out "
                               "(no training)."),
+    gpus_per_client: float = typer.Option(
+        0.0, min=0.0, help="GPU share per virtual client (Flower's num_gpus, e.g. 0.25): "
+        "clients train on CUDA when there is a GPU, else on the CPU."),
     log_level: LogLevel = log_level_option(LogLevel.WARNING),
 ) -> None:
     """Run a federation of virtual devices in Flower's simulation engine, one run per codec."""
@@ -116,7 +119,7 @@ def simulate_command(
             classes_per_client=classes_per_client, strategy=strategy, seed=seed,
             codecs=parse_codec_list(codec), lr=lr, local_epochs=local_epochs,
             batch_size=batch_size, data_dir=data_dir, out=out, downlink=downlink,
-            downlink_first_contact=downlink_first_contact,
+            downlink_first_contact=downlink_first_contact, gpus_per_client=gpus_per_client,
             ray_address=check_ray_address(ray_address) if ray_address else None,
             dp=_dp_keys(dp_noise, dp_clip, dp_delta, dp_max_epsilon, dp_adaptive),
         )

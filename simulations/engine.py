@@ -65,22 +65,32 @@ def simulation_client_app(run_config: Mapping[str, Any]) -> ClientApp:
 
 
 def ray_backend_config(
-    num_cpus_per_client: float = 1.0, ray_address: str | None = None
+    num_cpus_per_client: float = 1.0,
+    ray_address: str | None = None,
+    num_gpus_per_client: float = 0.0,
 ) -> dict[str, Any]:
     """One CPU per virtual client (Flower's default of 2 leaves one actor on 2 cores).
 
     A local Ray gets every CPU of this machine; on an existing cluster
     (`ray_address`) Ray refuses `num_cpus`, and the cluster's own CPUs count.
+    With `num_gpus_per_client > 0` (Flower's `num_gpus`: 0.25 puts four actors on
+    one GPU) the actors train on CUDA (`FEDGE_TORCH_DEVICE=auto`, the CPU where
+    Ray finds no GPU).
     """
     init_args: dict[str, Any] = {"include_dashboard": False}
     if ray_address:
         init_args["address"] = ray_address
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
-    return {
-        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
+    config: dict[str, Any] = {
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
         "init_args": init_args,
     }
+    if num_gpus_per_client > 0:
+        from fedge.common.training import DEVICE_ENV
+
+        config["init_args"]["runtime_env"] = {"env_vars": {DEVICE_ENV: "auto"}}
+    return config
 
 
 def run_in_ray(
@@ -90,6 +100,7 @@ def run_in_ray(
     client_app: ClientApp | None = None,
     flower_log_level: int = logging.WARNING,
     ray_address: str | None = None,
+    gpus_per_client: float = 0.0,
 ) -> None:
     """One federated run in Flower's simulation engine; rounds reach `listeners` as they end."""
     # Ray's FutureWarning about GPU env vars on every start: CPU-only clients opt in to the
@@ -99,4 +110,5 @@ def run_in_ray(
     client = client_app if client_app is not None else simulation_client_app(run_config)
     logging.getLogger("flwr").setLevel(flower_log_level)
     run_simulation_engine(server_app, client, num_clients,
-                          ray_backend_config(ray_address=ray_address))
+                          ray_backend_config(ray_address=ray_address,
+                                             num_gpus_per_client=gpus_per_client))

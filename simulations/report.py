@@ -119,3 +119,37 @@ def plot_report(report: Mapping[str, Any], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_client_accuracy(report: Mapping[str, Any], path: Path, title: str = "") -> Path | None:
+    """Per-client accuracy on local test splits: the global model's and, where
+    personalization ran, the personal model's, one box (and the points) per run.
+    None (and no file) when no run measured per-client accuracy."""
+    runs = [run for run in report["runs"] if run.get("client_accuracy", {}).get("global")]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: list[tuple[str, list[float]]] = []
+    for run in runs:
+        accs = run["client_accuracy"]
+        series.append((f"{run['codec']}\nglobal", accs["global"]))
+        if accs.get("personalized"):
+            series.append((f"{run['codec']}\npersonal", accs["personalized"]))
+    fig, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(series)), 5), constrained_layout=True)
+    axis.boxplot([values for _, values in series], showmeans=True)
+    for i, (_, values) in enumerate(series, start=1):
+        jitter = [i + 0.18 * ((k * 0.618) % 1 - 0.5) for k in range(len(values))]
+        axis.scatter(jitter, values, s=6, alpha=0.5)
+    axis.set_xticks(range(1, len(series) + 1), [name for name, _ in series], fontsize=7,
+                    rotation=30)
+    axis.set(ylabel="accuracy on the client's own test split", ylim=(0, 1.02))
+    axis.grid(alpha=0.3, axis="y")
+    if title:
+        axis.set_title(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -47,6 +47,7 @@ class SimulationOptions:
     dp: dict[str, Any] = field(default_factory=dict)  # run-config dp-* keys (server/dp.py)
     out: Path = Path("fedge-out")
     ray_address: str | None = None  # HOST:PORT of a running Ray head; None: a fresh local Ray
+    gpus_per_client: float = 0.0  # Flower's num_gpus per virtual client (Ray backend)
 
     def run_config(self, codec: str) -> dict[str, Any]:
         """The run config one codec's run is given (ServerApp and virtual clients alike)."""
@@ -181,7 +182,8 @@ def simulate(
         from fedge.simulations.engine import run_in_ray
 
         runner = functools.partial(run_in_ray, flower_log_level=flower_log_level,
-                                   ray_address=options.ray_address)
+                                   ray_address=options.ray_address,
+                                   gpus_per_client=options.gpus_per_client)
     console = console or Console()
     reports: list[RunReport] = []
     started = time.perf_counter()

@@ -12,15 +12,18 @@ the stock Flower peer of `simulations/stock_flower.py`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedge.server.round_metrics import RoundMetrics
+from fedge.simulations.client_accuracy import client_accuracies
 from fedge.simulations.profiles import (
     calibrate,
     estimate,
@@ -31,6 +34,7 @@ from fedge.simulations.profiles import (
 from fedge.simulations.report import (
     RunReport,
     load_report,
+    plot_client_accuracy,
     plot_report,
     round_record,
     write_report,
@@ -43,23 +47,34 @@ ENGINES = ("ray", "inprocess")
 
 
 def run_once(run: RunSpec, config: dict[str, Any], clients: int, listeners: list[Listener],
-             engine: str, seed: int = 0) -> None:
-    """One federated run of `run` on `engine`; rounds reach `listeners` as they end."""
+             engine: str, seed: int = 0) -> dict[str, np.ndarray] | None:
+    """One federated run of `run` on `engine`; rounds reach `listeners` as they end.
+
+    Returns the final global model (in-process engine; None from Ray).
+    In-process, training and central evaluation run on CUDA when there is a
+    GPU (`use_device("auto")`), else on the CPU.
+    """
+    from fedge.common.training import use_device
     from fedge.simulations.stock_flower import stock_client_app, stock_server_app
 
     if engine == "inprocess":
         from fedge.client.client_app import make_client_app
         from fedge.client.compression_mod import compression_mod
+        from fedge.client.personal import personal_mod
+        from fedge.common.contract import FINAL_ARRAYS_STATE_KEY
         from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
         from fedge.server.server_app import make_server_app
 
+        device = use_device("auto")
         client = stock_client_app(config) if run.stock else make_client_app(
-            mods=[compression_mod])
+            mods=[compression_mod, personal_mod])
         server = (stock_server_app(config, listeners) if run.stock
                   else make_server_app(config, listeners=listeners))
         grid = InProcessGrid(client, clients, run_config=config, seed=seed,
-                             stream_replies=True)
-        run_server_app_inprocess(server, grid)
+                             stream_replies=True, workers=inprocess_workers(device.type))
+        context = run_server_app_inprocess(server, grid)
+        final = context.state.array_records.get(FINAL_ARRAYS_STATE_KEY)
+        return None if final is None else {k: a.numpy() for k, a in final.items()}
     elif engine == "ray":
         from fedge.simulations.engine import ray_backend_config, run_in_ray
 
@@ -72,8 +87,21 @@ def run_once(run: RunSpec, config: dict[str, Any], clients: int, listeners: list
                            backend_config=ray_backend_config())
         else:
             run_in_ray(config, clients, listeners)
-    else:
-        raise ValueError(f"unknown engine {engine!r}; choose {', '.join(ENGINES)}")
+        return None
+    raise ValueError(f"unknown engine {engine!r}; choose {', '.join(ENGINES)}")
+
+
+#: environment variable: client trainings run at once by the in-process engine
+WORKERS_ENV = "FEDGE_INPROCESS_WORKERS"
+GPU_WORKERS = 4
+
+
+def inprocess_workers(device_type: str) -> int:
+    """One at a time on the CPU (runs stay bit-for-bit reproducible); a few on a GPU."""
+    raw = os.environ.get(WORKERS_ENV, "")
+    if raw.strip():
+        return max(1, int(raw))
+    return GPU_WORKERS if device_type == "cuda" else 1
 
 
 def device_compute(scenario: Scenario, clients: int) -> dict[str, Any]:
@@ -132,9 +160,17 @@ def run_scenario(
                                        f"  up {record.uplink_bytes / 1e6:.2f} MB")
 
             t0 = time.perf_counter()
-            run_once(run, config, clients, [on_round], engine, seed=scenario.seed)
+            final = run_once(run, config, clients, [on_round], engine, seed=scenario.seed)
             report.extra["wall_seconds"] = round(time.perf_counter() - t0, 2)
-            report.extra["summary"] = run_summary(report.rounds, scenario.target_accuracy)
+            report.extra["run_config"] = config
+            if final is not None:
+                progress.update(bar, status="per-client accuracy")
+                t1 = time.perf_counter()
+                report.extra["client_accuracy"] = client_accuracies(
+                    config, final, clients, limit=scenario.client_eval)
+                report.extra["client_accuracy_seconds"] = round(time.perf_counter() - t1, 2)
+            report.extra["summary"] = run_summary(report.rounds, scenario.target_accuracy,
+                                                  report.extra.get("client_accuracy"))
             report.extra["profiles"] = {
                 p.name: estimate(report.rounds, p, compute["compute_seconds_here"],
                                  scenario.per_round, scenario.target_accuracy)
@@ -161,6 +197,8 @@ def write_outputs(out: Path, reports: Sequence[RunReport], meta: dict[str, Any])
     plot_report(body, out / "report.png",
                 title=f"{meta['scenario']}: {meta['clients']} clients, "
                       f"{meta['per_round']} a round")
+    plot_client_accuracy(body, out / "clients.png",
+                         title=f"{meta['scenario']}: accuracy on own test split")
     (out / "report.md").write_text(f"## {meta['scenario']}\n\n`{meta['command']}`\n\n"
                                    + markdown_table(body))
     return path
@@ -202,7 +240,8 @@ def merge_reports(scenario: Scenario, parts: Sequence[Path], out: Path) -> Path:
                for label in order]
     compute = first.get("compute_seconds_here")
     for report in reports:  # the scenario's target, and one calibration for every run
-        report.extra["summary"] = run_summary(report.rounds, scenario.target_accuracy)
+        report.extra["summary"] = run_summary(report.rounds, scenario.target_accuracy,
+                                              report.extra.get("client_accuracy"))
         if compute is not None:
             report.extra["profiles"] = {
                 name: estimate(report.rounds, get_profile(name), compute, scenario.per_round,

@@ -1,7 +1,10 @@
-"""The peer: plain Flower apps, stock `FedAvg`, no fedge code in the message path.
+"""The peer: plain Flower apps, stock `FedAvg`/`FedAvgM`, no fedge code in the message path.
 
 What the benchmark compares fedge against. The ServerApp is Flower's
-`FedAvg.start` with central evaluation through `evaluate_fn`; the ClientApp is
+`FedAvg.start` (or `FedAvgM.start` when the config says `strategy = fedavgm`,
+with `server-lr` and `server-momentum`; `lr-decay` shrinks the client lr each
+round in a four-line subclass, as a Flower user would write it) with central
+evaluation through `evaluate_fn`; the ClientApp is
 a plain `ClientApp` with no mods. Neither uses fedge's wrapper, mod, codec or
 message helpers. Only what is not on the wire is shared, so that both sides do
 the same work: the task's model, data partitions, and fedge's local training
@@ -24,8 +27,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 
+from fedge.common.contract import FINAL_ARRAYS_STATE_KEY
 from fedge.common.task import resolve_task
 from fedge.common.training import evaluate, torch_threads, train
 from fedge.server.round_metrics import RoundListener, RoundMetrics
@@ -92,12 +96,7 @@ def stock_server_app(config: Mapping[str, Any], listeners: Sequence[RoundListene
         test = task.central_test(cfg)
         model = task.make_model()
         counting = CountingGrid(grid)
-        strategy = FedAvg(
-            fraction_train=float(cfg.get("fraction-train", 1.0)),
-            fraction_evaluate=0.0,
-            min_train_nodes=int(cfg.get("min-train-nodes", 2)),
-            min_available_nodes=int(cfg.get("min-train-nodes", 2)),
-        )
+        strategy = stock_strategy(cfg)
         marks = {"t": time.perf_counter(), "down": 0, "up": 0}
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -119,7 +118,7 @@ def stock_server_app(config: Mapping[str, Any], listeners: Sequence[RoundListene
         train_cfg = {k: task.train_defaults[k] for k in ("lr", "local-epochs", "batch-size")
                      if k in task.train_defaults}
         train_cfg.update({k: cfg[k] for k in ("lr", "local-epochs", "batch-size") if k in cfg})
-        strategy.start(
+        result = strategy.start(
             grid=counting,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=int(cfg.get("num-rounds", 3)),
@@ -127,8 +126,51 @@ def stock_server_app(config: Mapping[str, Any], listeners: Sequence[RoundListene
             train_config=ConfigRecord(train_cfg),
             evaluate_fn=evaluate_fn,
         )
+        if len(result.arrays) > 0:  # for the scenario's per-client accuracies
+            context.state[FINAL_ARRAYS_STATE_KEY] = result.arrays
 
     return app
+
+
+def stock_strategy(cfg: Mapping[str, Any]) -> FedAvg:
+    """Flower's FedAvg, or FedAvgM with the config's server lr and momentum (and lr decay)."""
+    common: dict[str, Any] = {
+        "fraction_train": float(cfg.get("fraction-train", 1.0)),
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": int(cfg.get("min-train-nodes", 2)),
+        "min_available_nodes": int(cfg.get("min-train-nodes", 2)),
+    }
+    name = str(cfg.get("strategy", "fedavg")).lower()
+    if name not in ("fedavg", "fedavgm"):
+        raise ValueError(f"the stock peer runs fedavg or fedavgm, not {name!r}")
+    decay = float(cfg.get("lr-decay", 1.0))
+    if name == "fedavgm":
+        return _Decayed.of(FedAvgM)(
+            **common, server_learning_rate=float(cfg.get("server-lr", 1.0)),
+            server_momentum=float(cfg.get("server-momentum", 0.0)), lr_decay=decay)
+    return _Decayed.of(FedAvg)(**common, lr_decay=decay)
+
+
+class _Decayed:
+    """The client lr of round r is lr x lr_decay^(r-1): a user's subclass of a Flower strategy."""
+
+    @staticmethod
+    def of(base: type[FedAvg]) -> Any:
+        class Decayed(base):  # type: ignore[valid-type, misc]
+            def __init__(self, *args: Any, lr_decay: float = 1.0, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.lr_decay = lr_decay
+
+            def configure_train(self, server_round: int, arrays: ArrayRecord,
+                                config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+                if self.lr_decay != 1.0 and "lr" in config:
+                    config = ConfigRecord({**config,
+                                           "lr": float(config["lr"])
+                                           * self.lr_decay ** (server_round - 1)})
+                return super().configure_train(server_round, arrays, config, grid)
+
+        Decayed.__name__ = f"{base.__name__}Decayed"
+        return Decayed
 
 
 def stock_client_app(config: Mapping[str, Any]) -> ClientApp:

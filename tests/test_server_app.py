@@ -8,6 +8,7 @@ import pytest
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -108,7 +109,8 @@ def test_config_precedence_and_errors() -> None:
 
 def test_every_named_strategy_builds_and_wraps() -> None:
     kinds = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
-             "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
+             "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
+             "fedavgm": FedAvgM}
     assert set(kinds) == set(STRATEGIES)
     for name, kind in kinds.items():
         inner = build_strategy(ServerConfig(strategy=name))
