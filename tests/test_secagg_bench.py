@@ -69,3 +69,13 @@ def test_bench_refuses_bad_options_in_one_line() -> None:
     assert result.exit_code == 2 and "int7" in result.output
     result = CliRunner().invoke(app, ["bench", "secagg", "--clients", "ten"])
     assert result.exit_code == 2 and "--clients" in result.output
+
+
+def test_the_goal_check_reads_the_int8_row_at_100_clients() -> None:
+    """bench/secagg_bench.py's own bar: int8 at 100 clients at most 2.0 bytes a coordinate."""
+    from fedge.bench import secagg_bench
+
+    row = {"clients": 100, "codec": "int8", "bytes_per_coordinate": 1.882}
+    assert secagg_bench.check_goal([row]) == []
+    assert secagg_bench.check_goal([{**row, "bytes_per_coordinate": 2.5}]) != []
+    assert secagg_bench.check_goal([{**row, "clients": 10}]) == []  # not measured: no verdict
