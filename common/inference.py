@@ -35,7 +35,7 @@ from fedge.common.export import (
     parse_model_file,
     read_model_file,
 )
-from fedge.common.predictions import InputError, Predictions, prepare_inputs, top1
+from fedge.common.predictions import FileFacts, InputError, Predictions, prepare_inputs, top1
 from fedge.common.task import BUILTIN_TASKS, Task, TaskError, resolve_task
 
 __all__ = ["InputError", "Predictions", "Predictor", "load_predictor", "prepare_inputs"]
@@ -46,7 +46,7 @@ DEFAULT_BATCH = 64
 
 
 
-class Predictor:
+class Predictor(FileFacts):
     """A loaded model ready to predict; holds no copy of the file's arrays."""
 
     def __init__(self, model: nn.Module, info: ModelFile, kernels: str) -> None:
@@ -54,21 +54,6 @@ class Predictor:
         self.info = info
         self.kernels = kernels  # "int8" (int8 Linear kernels) or "float"
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.info.input_shape
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self.info.labels
-
-    def label(self, index: int) -> str:
-        """The label of a class index, or the index as text when the file has no labels."""
-        return self.labels[index] if 0 <= index < len(self.labels) else str(index)
-
-    def prepare(self, x: Any) -> np.ndarray:
-        """Inputs as float32 [N, *input_shape]; see `prepare_inputs`."""
-        return prepare_inputs(x, self.input_shape)
 
     @torch.inference_mode()
     def logits(self, x: Any, *, batch_size: int = DEFAULT_BATCH) -> np.ndarray:

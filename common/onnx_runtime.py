@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedge.common.onnx_file import ONNX_FILE_FORMAT, ONNX_FORMATS, OnnxFileError, check_seal
-from fedge.common.predictions import Predictions, prepare_inputs, top1
+from fedge.common.predictions import FileFacts, Predictions, top1
 
 DEFAULT_MAX_ONNX_BYTES = 256 << 20
 DEFAULT_BATCH = 64
@@ -74,7 +74,7 @@ def read_onnx(
     return data
 
 
-class OnnxPredictor:
+class OnnxPredictor(FileFacts):
     """An ONNX Runtime session on one CPU, ready to predict."""
 
     kernels = "onnxruntime"
@@ -84,21 +84,6 @@ class OnnxPredictor:
         self.info = info
         self.input_name = session.get_inputs()[0].name
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.info.input_shape
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self.info.labels
-
-    def label(self, index: int) -> str:
-        """The label of a class index, or the index as text when the file has no labels."""
-        return self.labels[index] if 0 <= index < len(self.labels) else str(index)
-
-    def prepare(self, x: Any) -> np.ndarray:
-        """Inputs as float32 [N, *input_shape]; see `prepare_inputs`."""
-        return prepare_inputs(x, self.input_shape)
 
     def logits(self, x: Any, *, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
         """Raw model outputs for validated inputs, `batch_size` examples per run."""

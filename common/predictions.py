@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -71,3 +71,33 @@ def prepare_inputs(x: Any, input_shape: Sequence[int]) -> np.ndarray:
     if not np.isfinite(out).all():
         raise InputError("inputs hold NaN, Inf or values beyond float32")
     return out
+
+
+class _Facts(Protocol):
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+
+
+class FileFacts:
+    """What a predictor answers from its model file's metadata, whatever runs the graph."""
+
+    info: _Facts
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.info.input_shape
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.info.labels
+
+    def label(self, index: int) -> str:
+        """The label of a class index, or the index as text when the file has no labels."""
+        return self.labels[index] if 0 <= index < len(self.labels) else str(index)
+
+    def prepare(self, x: Any) -> np.ndarray:
+        """Inputs as float32 [N, *input_shape]; see `prepare_inputs`."""
+        return prepare_inputs(x, self.input_shape)
