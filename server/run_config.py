@@ -34,9 +34,10 @@ from fedge.common.errors import CodecSpecError
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
               "fedavgm")
 
-#: keys whose empty string means "the task's own train default" (a Flower app config,
-#: TOML, has no null: `[tool.flwr.app.config]` declares them as "")
-TASK_DEFAULT_KEYS = ("lr", "local-epochs", "batch-size")
+#: keys whose empty string means "the task's own train default" or, for `server-lr`, the
+#: strategy's own (a Flower app config, TOML, has no null: `[tool.flwr.app.config]`
+#: declares them as ""; server_app.ServerConfig reads them as None)
+DEFAULT_WHEN_EMPTY = ("lr", "local-epochs", "batch-size", "server-lr")
 
 _CODEC_HINT = (f"a codec spec is {', '.join(VALUE_CODECS)}, with options "
                "(int8:block=64, int4:stochastic) or top-k (topk=0.01+int4)")
@@ -274,7 +275,7 @@ def validate_run_config(
     for key, rng in _RANGES.items():
         if key == "lr" and hook_lr is not None and config.get(key) == hook_lr:
             continue  # continuous mode's test hook set this round's lr on purpose
-        if key in config and not (key in TASK_DEFAULT_KEYS and config[key] == ""):
+        if key in config and not (key in DEFAULT_WHEN_EMPTY and config[key] == ""):
             _number(key, config[key], rng)
     _downlink(config)
     _dp(config)

@@ -17,7 +17,7 @@ import pytest
 from flower_processes import REPO, flower_env, local_superlink
 
 from fedge.server.round_metrics import read_round_metrics
-from fedge.server.run_config import TASK_DEFAULT_KEYS, validate_run_config
+from fedge.server.run_config import DEFAULT_WHEN_EMPTY, validate_run_config
 from fedge.server.server_app import ServerConfig
 
 pytestmark = pytest.mark.timeout(600)
@@ -35,7 +35,7 @@ def test_the_app_config_declares_every_server_key_at_the_servers_defaults() -> N
         assert key in config, f"[tool.flwr.app.config] lacks {key!r} (flwr run cannot set it)"
         if key == "codec":
             assert config[key] == "int8"  # fedge's app compresses by default, as the coordinator
-        elif key in TASK_DEFAULT_KEYS:
+        elif key in DEFAULT_WHEN_EMPTY:
             assert config[key] == "" and getattr(defaults, f.name) is None
         else:
             assert config[key] == getattr(defaults, f.name), key
