@@ -5,7 +5,9 @@ Flower's simulation engine (`fedge simulate`, `flwr run .`), Flower's
 deployment engine and fedge's edge runtime (`app(message, context)`). Its
 handlers reply with full local weights; the compression mod it carries turns
 them into an encoded delta on the way out when the server asks for a codec
-(and lets them through as they are when it does not, as a stock client would).
+(and lets them through as they are when it does not, as a stock client would);
+its secure-aggregation mod answers the stages of a securely aggregated round
+(docs/secure-aggregation.md) and lets every other message through.
 `make_client_app(mods)` builds the same handlers behind other mods (tests, the
 simulation's run-config mod); `FEDGE_MODS` are the mods `app` carries.
 
@@ -33,6 +35,7 @@ from torch import nn
 from fedge.client.compression_mod import compression_mod
 from fedge.client.flower_compat import Mod
 from fedge.client.personal import personal_mod
+from fedge.client.secagg_device import secagg_mod
 from fedge.common.arrays import arrays_to_record, model_to_arrays, record_to_model
 from fedge.common.task import DEFAULT_TASK, ClientData, Task, resolve_task
 from fedge.common.training import evaluate, torch_threads, train
@@ -166,9 +169,11 @@ def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
     return client_app
 
 
-#: what fedge's own ClientApp carries: compression (which rebuilds a compressed downlink first)
-#: compression outermost; the personal mod acts only when the run sets `personalize`
-FEDGE_MODS: tuple[Mod, ...] = (compression_mod, personal_mod)
+#: what fedge's own ClientApp carries, outermost first: secure aggregation (it answers its key
+#: and share stages itself and passes every other message through, so it is always on), then
+#: compression (which rebuilds a compressed downlink first), then the personal mod (it acts
+#: only when the run sets `personalize`)
+FEDGE_MODS: tuple[Mod, ...] = (secagg_mod, compression_mod, personal_mod)
 
 #: fedge's ClientApp, as `flwr run .`, `fedge simulate` and `fedge client run` load it
 app = make_client_app(mods=FEDGE_MODS)

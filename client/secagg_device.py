@@ -8,7 +8,10 @@ the masked, quantized delta. Every other message passes through untouched.
 The round's secrets (two X25519 secret keys, the self-mask seed, the shares
 received) live in `context.state` between stages, because a Flower runtime may
 run each message in a fresh process; they are deleted when the round unmasks
-or a new round starts. Refusals become Flower error replies naming the reason
+or a new round starts. Under DP (the train config names `fedge.dp-clip` = C) the
+delta plus the error-feedback residual is clipped to L2 norm C and its quantized
+form kept within C (`quantize_to_ring(max_norm=C)`), since the coordinator,
+which sees only the sum, cannot clip it. Refusals become Flower error replies naming the reason
 (`SecAggRefused`), so the coordinator treats the device as dropped.
 
     app = ClientApp(mods=[secagg_mod])
@@ -21,11 +24,14 @@ import logging
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from fedge.client.compression_mod import dp_clip_of
 from fedge.client.flower_compat import ClientAppCallable
 from fedge.common import secagg_crypto as sc
 from fedge.common import secagg_protocol as sp
+from fedge.common.contract import DP_REPLY_KEY
+from fedge.common.dp_clip import clip_to_norm
 from fedge.common.flower_compat import error_reply
-from fedge.common.records import model_record, records_of
+from fedge.common.records import config_record, model_record, records_of
 from fedge.common.secagg_errors import SecAggRefused
 from fedge.common.secagg_ring import RingSpec, pack_words, quantize_to_ring
 
@@ -215,6 +221,9 @@ def _masked_input(
     found = model_record(msg.content)
     if found is None:
         raise SecAggRefused("bad_config", "masked-input message carries no model")
+    found_config = config_record(msg.content)
+    # DP (docs/privacy.md): the coordinator cannot clip a masked update, so the device does
+    dp_clip = dp_clip_of(found_config[1]) if found_config is not None else None
     incoming = {k: a.numpy() for k, a in found[1].items()}
     reply = call_next(_without_secagg(msg), context)
     if reply.has_error():
@@ -226,8 +235,11 @@ def _masked_input(
     residual = _load_residual(context, delta.size) if error_feedback else None
     if residual is not None:
         delta += residual
+    if dp_clip is not None:  # what is sent, update plus residual, within C; the cut is dropped
+        delta = clip_to_norm({"delta": delta}, dp_clip)[0]["delta"]
     new_residual = np.empty_like(delta) if error_feedback else None
-    words = quantize_to_ring(delta, scales, spec, np.random.default_rng(), new_residual)
+    words = quantize_to_ring(delta, scales, spec, np.random.default_rng(), new_residual,
+                             max_norm=dp_clip)
     words += sc.expand_mask(seed, words.size, spec.word_bits)
     for sender in senders:
         pos = neighbours.index(sender)
@@ -258,7 +270,8 @@ def _masked_input(
         }
     )
     for key, value in reply.content.items():
-        if key not in content and not isinstance(value, ArrayRecord):
+        # the DP clipping bit (compression mod) would tell one device's norm: not sent
+        if key not in content and key != DP_REPLY_KEY and not isinstance(value, ArrayRecord):
             content[key] = value
     return Message(content, reply_to=msg)
 

@@ -68,11 +68,20 @@ def quantize_to_ring(
     spec: RingSpec,
     rng: np.random.Generator,
     residual_out: np.ndarray | None = None,
+    max_norm: float | None = None,
 ) -> np.ndarray:
     """Ring words q + qmax of float32 `x` with per-coordinate float32 `scales` (> 0).
 
     With `residual_out`, writes x - dequantized (clipping and rounding error)
     into it: what error feedback carries to the next round.
+
+    With `max_norm` (DP: `x` already clipped to L2 norm C), the dequantized
+    contribution q * scales is kept within C too: stochastic rounding may move
+    it up to |scales| (L2, sqrt(sum s_i^2), s sqrt(d) for one scale) past C, so
+    when it does, coordinates that rounded away from zero, in random order, are
+    rounded toward zero instead until the norm is within C (rounding all of them
+    so gives |q_i s_i| <= |x_i|, norm <= ||x|| <= C). The coordinator cannot
+    clip a masked contribution, so this is what bounds one device's influence.
     """
     if x.shape != scales.shape:
         raise SecAggRefused("bad_input", f"{x.size} values for {scales.size} scales")
@@ -85,10 +94,30 @@ def quantize_to_ring(
     t += rng.random(t.size)
     np.floor(t, out=t)
     np.clip(t, -qmax, qmax, out=t)
+    if max_norm is not None:
+        _round_within_norm(t, x, scales, float(max_norm), rng)
     if residual_out is not None:
         np.subtract(x, (t * scales).astype(np.float32), out=residual_out)
     t += qmax
     return t.astype(spec.dtype)
+
+
+def _round_within_norm(
+    q: np.ndarray, x: np.ndarray, scales: np.ndarray, max_norm: float, rng: np.random.Generator
+) -> None:
+    """Round some of `q` (levels) toward zero, in place, until ||q * scales|| <= max_norm."""
+    s = scales.astype(np.float64)
+    target = (max_norm * (1.0 - 1e-6)) ** 2  # float32 scales on the coordinator's side
+    excess = float(np.dot(q * s, q * s)) - target
+    if excess <= 0:
+        return
+    away = np.flatnonzero(np.abs(q * s) > np.abs(x.astype(np.float64)))
+    order = away[rng.permutation(away.size)]
+    # one level toward zero saves s^2 (q^2 - (|q| - 1)^2) = s^2 (2|q| - 1) of the squared norm
+    saved = np.cumsum(s[order] ** 2 * (2.0 * np.abs(q[order]) - 1.0))
+    take = min(order.size, int(np.searchsorted(saved, excess)) + 1)
+    flip = order[:take]
+    q[flip] -= np.sign(q[flip])
 
 
 def ring_sum_to_float(

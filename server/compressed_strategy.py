@@ -28,6 +28,14 @@ It wraps a `flwr.serverapp.strategy.Strategy` and is one itself, so
   update is clipped again here, the unweighted mean gets Gaussian noise, and
   the round's epsilon lands in `RoundTraffic.dp`. A round that would pass the
   epsilon budget is not sent: `stopped` says why.
+- Started on a `SecAggGrid` (server/secagg_server.py, docs/secure-aggregation.md)
+  it takes the grid's one reply per round (the global model plus the survivors'
+  unweighted mean delta) and records what the secure round did: survivors as
+  accepted, dropped devices as rejected, the bytes of every stage (keys, shares,
+  masked words) as the round's traffic, and `secagg-int8` (the ring's quantizer)
+  as what crossed the wire. Under DP the noise goes on the unmasked sum once,
+  divided by the survivors (devices clipped their own updates: the coordinator
+  cannot). Codec and downlink must be `none`: the masked words are the compression.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from fedge.server.reply_decoder import (
     layout_of,
     reply_bytes,
 )
+from fedge.server.secagg_server import SecAggGrid, SecAggResult
 from fedge.server.streaming_mean import StreamingMean
 
 log = logging.getLogger(__name__)
@@ -89,6 +98,8 @@ class RoundTraffic:
     # accepted replies by the format they arrived in: the codec a ModelUpdate names, or
     # "none" for plain arrays -- what crossed the wire, whatever `codec` asked for
     wire_codecs: Counter[str] = field(default_factory=Counter)
+    # secure aggregation (SecAggResult.summary()): ring bits, survivors, bytes per stage
+    secagg: dict[str, object] | None = None
 
     @property
     def rejected(self) -> int:
@@ -154,6 +165,8 @@ class CompressedStrategy(Strategy):
         self._layout: Layout = {}
         self._version = ""
         self._sampled = 0
+        self._secure: SecAggGrid | None = None  # the SecAggGrid this strategy was started on
+        self._train_down = 0  # the train messages' model bytes, counted in configure_train
 
     # ------------------------------------------------------------ helpers
 
@@ -198,6 +211,10 @@ class CompressedStrategy(Strategy):
         stats = self.traffic(server_round)
         stats.started_at = time.perf_counter()
         stats.codec = self.codec_for(server_round)
+        self._secure = grid if isinstance(grid, SecAggGrid) else None
+        if self._secure is not None and (stats.codec != "none" or self.downlink is not None):
+            raise ValueError("secure aggregation needs codec none and a plain downlink: the "
+                             "masked ring words are the compression")
         self._global = {k: a.numpy() for k, a in arrays.items()}
         self._layout = layout_of(self._global)
         self._version = model_version(self._global)
@@ -213,7 +230,8 @@ class CompressedStrategy(Strategy):
             return []  # the budget is spent: nothing is sent, the model stays
         self._sampled = len(messages)
         messages = self._prepare_downlink(messages)
-        stats.downlink_bytes += sum(_message_array_bytes(m) for m in messages)
+        self._train_down = sum(_message_array_bytes(m) for m in messages)
+        stats.downlink_bytes += self._train_down
         return messages
 
     def configure_evaluate(
@@ -242,16 +260,20 @@ class CompressedStrategy(Strategy):
             raise RuntimeError("aggregate_train before configure_train: no global model known")
         if self.downlink is not None:
             replies = self.downlink.observe(replies)  # learns which model each device holds
+        secure = self._secure.results.get(server_round) if self._secure is not None else None
         accepted = self._accepted(server_round, replies)
         if self.privacy is not None:
             if self.stopped:
                 return None, None
-            arrays, metrics = self._aggregate_private(server_round, accepted, self.privacy)
+            arrays, metrics = self._aggregate_private(server_round, accepted, self.privacy,
+                                                      secure)
         elif self.streaming:
             arrays, metrics = self._aggregate_streaming(accepted)
         else:
             arrays, metrics = self._aggregate_delegated(server_round, accepted)
         stats = self.traffic(server_round)
+        if secure is not None:
+            self._record_secure(stats, secure)
         log.info(
             "aggregate_train: %d replies accepted, %d dropped %s",
             stats.accepted, stats.rejected, dict(stats.rejected_reasons) or "",
@@ -325,19 +347,39 @@ class CompressedStrategy(Strategy):
         metrics = strategy.train_metrics_aggr_fn(metric_contents, strategy.weighted_by_key)
         return arrays, metrics
 
+    def _record_secure(self, stats: RoundTraffic, secure: SecAggResult) -> None:
+        """The round as the secure exchange saw it, not as its one synthesized reply."""
+        stats.secagg = secure.summary()
+        stats.uplink_bytes = secure.up_bytes()
+        # the model down was counted from the train messages; add the other stages' messages
+        stats.downlink_bytes += secure.down_bytes() - self._train_down
+        stats.accepted = len(secure.survivors)
+        stats.accepted_nodes = [int(n) for n in secure.survivors]
+        if secure.dropped:
+            stats.rejected_reasons["secagg_dropped"] += len(secure.dropped)
+        stats.wire_codecs = Counter({f"secagg-int{secure.bits}": len(secure.survivors)})
+
     def _aggregate_private(
         self, server_round: int, accepted: Iterator[tuple[Message, DecodedReply]],
-        privacy: PrivacyBudget,
+        privacy: PrivacyBudget, secure: SecAggResult | None = None,
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """DP-FedAvg (server/dp.py): clip each update, unweighted mean, noise, account."""
+        """DP-FedAvg (server/dp.py): clip each update, unweighted mean, noise, account.
+
+        With `secure` (a secure-aggregation round) the one reply only carries the
+        metrics; the exact sum of the survivors' deltas goes in as it is (each device
+        clipped its own) and the noise is calibrated to the survivors' count.
+        """
         strategy = self.strategy
         assert isinstance(strategy, FedAvg)
         mean: DpMean = privacy.mean(self._global, self._sampled)
         metric_contents: list[RecordDict] = []
         for msg, decoded in accepted:
-            mean.add(decoded.arrays, is_delta=decoded.is_delta, below_clip=_below_clip(msg))
+            if secure is None:
+                mean.add(decoded.arrays, is_delta=decoded.is_delta, below_clip=_below_clip(msg))
             metric_contents.append(RecordDict({decoded.metric_key: decoded.metrics}))
             del decoded, msg  # hold one reply at a time
+        if secure is not None and metric_contents:
+            mean.add_secure_sum(secure.delta_sum_by_tensor(self._global), len(secure.survivors))
         result = mean.result()
         self.traffic(server_round).dp = privacy.finish(server_round, mean, self._sampled)
         del mean

@@ -313,6 +313,17 @@ class DpMean:
         self.max_folded_norm = max(self.max_folded_norm, l2_norm(clipped))
         self.mean.add_delta(clipped, 1.0)
 
+    def add_secure_sum(self, delta_sum: Mapping[str, np.ndarray], count: int) -> None:
+        """Fold in the exact sum of `count` devices' deltas from secure aggregation.
+
+        The coordinator sees only the sum, so it cannot clip one device's update:
+        each device clipped its own (update plus residual) to C and kept its
+        quantized contribution within C (`secagg_ring.quantize_to_ring(max_norm=C)`),
+        so the sum's sensitivity to one device is C, as in `add`. The noise is then
+        added once to this sum and the mean divides by `count`, the survivors.
+        """
+        self.mean.add_sum(delta_sum, count)
+
     def result(self) -> dict[str, np.ndarray] | None:
         """The noised mean in the base's dtypes, None when nothing was added."""
         if self.mean.count == 0:

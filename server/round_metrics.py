@@ -39,7 +39,13 @@ class RoundMetrics:
     `none` even in an `int8` run. Under differential
     privacy `epsilon` (at `delta`) is what the run has spent after this round,
     `dp_clip` the clipping norm C used and `dp_noise_std` the noise's standard
-    deviation on the mean, z x C / n (docs/privacy.md).
+    deviation on the mean, z x C / n (docs/privacy.md). Under secure aggregation
+    `codec` is `secagg-int8` (or `-int4`) because masked ring words crossed, and
+    `secagg` holds what the round's secure exchange did: `bits`, `ring_bits` (the
+    masked words' width), `survivors`, `dropped`, `degree`, `threshold`, and
+    `up_bytes`/`down_bytes` per stage (advertise, share-keys, masked-input, unmask),
+    whose sums are `uplink_bytes` and the non-model part of `downlink_bytes`
+    (docs/secure-aggregation.md).
     """
 
     round: int
@@ -60,6 +66,8 @@ class RoundMetrics:
     delta: float | None = None
     dp_clip: float | None = None
     dp_noise_std: float | None = None
+    # secure aggregation (server/secagg_server.py SecAggResult.summary; None without)
+    secagg: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the shape `report.json` rounds use, plus extras)."""

@@ -34,6 +34,14 @@ from fedge.common.errors import CodecSpecError
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
               "fedavgm")
 
+#: strategies that can aggregate the one reply secure aggregation hands them (the global model
+#: plus the survivors' unweighted mean delta): FedAvg's mean of it is it, and the server-side
+#: optimizers (FedAvgM, FedAdam, FedYogi) step along it. The robust ones (fedmedian,
+#: fedtrimmedavg, krum) rank individual updates, which the coordinator no longer sees.
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
+#: `secagg-bits`: the shared-scale quantizer's bits (ring words are bits + ceil(log2 n))
+SECAGG_BITS = (8, 4)
+
 #: keys whose empty string means "the task's own train default" or, for `server-lr`, the
 #: strategy's own (a Flower app config, TOML, has no null: `[tool.flwr.app.config]`
 #: declares them as ""; server_app.ServerConfig reads them as None)
@@ -121,6 +129,8 @@ _RANGES: dict[str, _Range] = {
     "dp-count-noise": _Range(float, 0, low_open=True),
     "dp-population": _Range(int, 1),
     "dp-noise-seed": _Range(int, 0),
+    "secagg-clip": _Range(float, 0, low_open=True),
+    "secagg-min-survivors": _Range(int, 1),
 }
 
 
@@ -187,6 +197,50 @@ def _dp(config: Mapping[str, Any]) -> None:
     if settings is not None and strategy not in DP_STRATEGIES:
         raise RunConfigError("strategy", f"{strategy!r} cannot run with dp-noise: DP-FedAvg "
                              f"needs the plain mean ({', '.join(DP_STRATEGIES)})")
+
+
+def secure_aggregation_on(config: Mapping[str, Any]) -> bool:
+    """`secure-aggregation` as a bool (TOML true/false; the words, from a flag or env)."""
+    raw = config.get("secure-aggregation", False)
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower() if isinstance(raw, str) else None
+    if text in ("true", "false"):
+        return text == "true"
+    raise RunConfigError("secure-aggregation", f"{raw!r} is not true or false")
+
+
+def _secagg(config: Mapping[str, Any]) -> None:
+    """Secure aggregation (docs/secure-aggregation.md): what can run over masked ring words."""
+    on = secure_aggregation_on(config)
+    bits = config.get("secagg-bits", 8)
+    if isinstance(bits, str) and bits.strip().isdigit():
+        bits = int(bits)
+    if isinstance(bits, bool) or bits not in SECAGG_BITS:
+        raise RunConfigError("secagg-bits", f"{bits!r} is not one of "
+                             f"{', '.join(map(str, SECAGG_BITS))}")
+    if not on:
+        return
+    codec = str(config.get("codec", "none") or "none").strip().lower()
+    if codec != "none":
+        raise RunConfigError("codec", f"{codec!r} cannot run with secure aggregation: the "
+                             "masked ring words (secagg-bits) are the compression; use "
+                             "--codec none")
+    downlink = str(config.get("downlink-codec", "none") or "none").strip().lower()
+    if downlink != "none":
+        raise RunConfigError("downlink-codec", f"{downlink!r} cannot run with secure "
+                             "aggregation: devices mask their delta against the plain model "
+                             "they were sent; use --downlink none")
+    strategy = str(config.get("strategy", "fedavg") or "fedavg").strip().lower()
+    if ":" not in strategy and strategy not in SECAGG_STRATEGIES:
+        raise RunConfigError("strategy", f"{strategy!r} cannot run with secure aggregation: "
+                             "it ranks individual updates and the coordinator sees only their "
+                             f"sum; use one of {', '.join(SECAGG_STRATEGIES)}")
+    adaptive = config.get("dp-adaptive", False)
+    if adaptive is True or str(adaptive).strip().lower() == "true":
+        raise RunConfigError("dp-adaptive", "adaptive clipping cannot run with secure "
+                             "aggregation: it needs each device's clipping bit, which would "
+                             "travel in the clear; set dp-clip and leave dp-adaptive off")
 
 
 def _strategy(config: Mapping[str, Any]) -> None:
@@ -257,6 +311,8 @@ def validate_run_config(
     Checks values are scalars, `strategy`, `partition`, `codec`, the downlink
     (`downlink-codec`, `-first-contact`, `-keep`, `-max-age`), numeric ranges,
     differential privacy (`dp-noise` with `dp-clip`, a FedAvg-type strategy),
+    secure aggregation (`secure-aggregation` with codec and downlink `none`, a
+    strategy that takes one aggregated reply, `secagg-bits` 8 or 4),
     `initial-model`, then imports `task` and reads its data (with
     `num_partitions`, client 0's share too). `load_task=False` stops before the
     import (what a caller that must not load torch yet can check).
@@ -279,6 +335,7 @@ def validate_run_config(
             _number(key, config[key], rng)
     _downlink(config)
     _dp(config)
+    _secagg(config)
     initial = config.get("initial-model")
     if initial and not Path(str(initial)).is_file():
         raise RunConfigError("initial-model", f"{initial!r} is not a file")

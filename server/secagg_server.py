@@ -127,6 +127,39 @@ class SecAggResult:
     round_trips: int = 4
     degree: int = 0
     threshold: int = 0
+    bits: int = 0  # the quantizer's bits
+    word_bits: int = 0  # the ring's: bits + ceil(log2 n)
+
+    def up_bytes(self) -> int:
+        """Device upload, every stage: keys, share bundles, masked words, unmask shares."""
+        return sum(t.up for t in self.traffic.values())
+
+    def down_bytes(self) -> int:
+        """Coordinator to devices, every stage (the masked-input stage carries the model)."""
+        return sum(t.down for t in self.traffic.values())
+
+    def summary(self) -> dict[str, object]:
+        """What a round record says of it: the ring used, who survived, bytes per stage."""
+        return {
+            "bits": self.bits, "ring_bits": self.word_bits, "survivors": len(self.survivors),
+            "dropped": len(self.dropped), "degree": self.degree, "threshold": self.threshold,
+            "up_bytes": {stage: t.up for stage, t in self.traffic.items()},
+            "down_bytes": {stage: t.down for stage, t in self.traffic.items()},
+            "refused": dict(self.refused),
+        }
+
+    def delta_sum_by_tensor(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The survivors' delta sum per tensor of `arrays` (the model the round started
+        from): float tensors in model order, as masked; integer tensors were not summed (0)."""
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, a in arrays.items():
+            if np.issubdtype(a.dtype, np.floating):
+                out[name] = self.delta_sum[offset : offset + a.size].reshape(a.shape)
+                offset += a.size
+            else:
+                out[name] = np.zeros(a.shape, np.float64)
+        return out
 
 
 @dataclass
@@ -473,6 +506,8 @@ def run_secagg_round(
         server_seconds=server_seconds,
         degree=degree,
         threshold=threshold,
+        bits=config.bits,
+        word_bits=spec.word_bits,
     )
 
 

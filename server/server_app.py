@@ -16,7 +16,10 @@ tau), `lr-decay` (the client lr of round r is lr x lr-decay^(r-1)), `trim-beta`,
 `max-update-bytes`, `report-path`, and for a run that resumes, `first-round`
 (rounds run from here to `num-rounds`, numbered as in the original run) and
 `initial-model` (a `fedge.v1.ModelSnapshot` file to start from instead of the
-task's fresh model).
+task's fresh model). Secure aggregation (docs/secure-aggregation.md):
+`secure-aggregation` (false), `secagg-bits` (8 or 4), `secagg-clip` (the first
+round's clipping range; later ones follow the released mean), and
+`secagg-min-survivors` (the fewest devices a sum is released for).
 
 Each round ends with central evaluation of the new global model on the task's
 held-out test set and a `RoundMetrics` record, delivered to the listeners
@@ -109,6 +112,12 @@ class ServerConfig:
     # devices drop their error-feedback residual this round (continuous mode, after a
     # rejected candidate: the residual belongs to an update that was thrown away)
     reset_residual: bool = False
+    # secure aggregation (docs/secure-aggregation.md): the coordinator learns only the sum of
+    # the devices' deltas, quantized to `secagg-bits` on ranges that start at `secagg-clip`
+    secure_aggregation: bool = False
+    secagg_bits: int = 8
+    secagg_clip: float = 0.1
+    secagg_min_survivors: int = 2
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> ServerConfig:
@@ -122,6 +131,8 @@ class ServerConfig:
             if f.name in _OPTIONAL_KINDS and raw == "":
                 continue  # "" in an app config: the task's own default (run_config.py)
             kind = _OPTIONAL_KINDS.get(f.name, type(getattr(cls, f.name)))
+            if kind is bool and isinstance(raw, str):  # "false" is not bool("false")
+                raw = raw.strip().lower() in ("true", "1", "yes")
             try:
                 values[f.name] = kind(raw)
             except (TypeError, ValueError):
@@ -364,6 +375,8 @@ class _RoundRecorder:
             codec=stats.wire_codec,  # what arrived, not what was asked for
             downlink_messages=self._downlink_messages(server_round),
         )
+        if stats.secagg is not None:
+            record.secagg = dict(stats.secagg)
         if stats.dp is not None:
             record.epsilon, record.delta = stats.dp.epsilon, stats.dp.delta
             record.dp_clip, record.dp_noise_std = stats.dp.clip, stats.dp.noise_std
@@ -372,6 +385,16 @@ class _RoundRecorder:
         for hook in self.round_end:
             hook(end)
         notify(self.listeners, record)
+
+
+def secure_grid(grid: Grid, cfg: ServerConfig) -> Grid:
+    """`grid` with every train round securely aggregated as the run config says: ranges from
+    public information (`AdaptiveClip`, starting at `secagg-clip`), error feedback on."""
+    from fedge.server.secagg_server import AdaptiveClip, SecAggConfig, SecAggGrid
+
+    return SecAggGrid(grid, SecAggConfig(
+        clip=AdaptiveClip(cfg.secagg_clip), bits=cfg.secagg_bits, error_feedback=True,
+        min_survivors=cfg.secagg_min_survivors, timeout=cfg.round_timeout))
 
 
 def make_server_app(
@@ -412,6 +435,10 @@ def make_server_app(
             targets.append(JsonlRoundWriter(cfg.report_path))
         recorder = _RoundRecorder(task, run_config, strategy, targets, on_round_end)
         offset = cfg.first_round - 1
+        # secure aggregation goes in one level down, on the grid: every train round becomes
+        # the four SecAgg+ exchanges and the strategy gets one reply (docs/secure-aggregation.md)
+        if cfg.secure_aggregation:
+            grid = secure_grid(grid, cfg)
         runner: Strategy = strategy
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] = recorder
         if offset:  # a resumed run: round numbers continue where it stopped

@@ -127,6 +127,15 @@ class StreamingMean:
             if self._staged >= STAGE_REPLIES:
                 self._flush()
 
+    def add_sum(self, delta_sum: Mapping[str, np.ndarray], count: int) -> None:
+        """Fold in the sum of `count` deltas, each of weight 1 (secure aggregation releases
+        only that sum: server/secagg_server.py)."""
+        self._check(delta_sum, float(count))
+        for name, d in delta_sum.items():
+            self._fold(name, d, 1.0, full=False)
+        self.total_weight += float(count)
+        self.count += int(count)
+
     def add_full(self, arrays: Mapping[str, Tensor], weight: float) -> None:
         """Fold in an update given as full weights `x` with weight `weight`."""
         self._check(arrays, weight)

@@ -28,6 +28,8 @@ FLAG_KEYS = {
     "batch-size": "--batch-size", "data-dir": "--data-dir",
     "dp-noise": "--dp-noise", "dp-clip": "--dp-clip", "dp-delta": "--dp-delta",
     "dp-max-epsilon": "--dp-max-epsilon", "dp-adaptive": "--dp-adaptive",
+    "secure-aggregation": "--secure-aggregation", "secagg-bits": "--secagg-bits",
+    "secagg-clip": "--secagg-clip", "secagg-min-survivors": "--secagg-min-survivors",
 }
 
 
@@ -69,6 +71,19 @@ def simulate_command(
                                                 "round would take epsilon past this."),
     dp_adaptive: bool = typer.Option(False, "--dp-adaptive", help="With --dp-noise: adapt C "
                                      "to the median update norm (Andrew et al.)."),
+    secure_aggregation: bool = typer.Option(
+        False, "--secure-aggregation", help="The coordinator learns only the sum of the "
+        "devices' updates (SecAgg+ on quantized deltas; needs --codec none: the masked ring "
+        "words are the compression). docs/secure-aggregation.md."),
+    secagg_bits: int | None = typer.Option(None, help="With --secure-aggregation: the "
+                                           "quantizer's bits, 8 or 4 (default 8)."),
+    secagg_clip: float | None = typer.Option(None, help="With --secure-aggregation: the "
+                                             "first round's clipping range per tensor "
+                                             "(default 0.1; later rounds follow the "
+                                             "released mean)."),
+    secagg_min_survivors: int | None = typer.Option(
+        None, help="With --secure-aggregation: the fewest devices a sum is released for "
+        "(default 2)."),
     out: Path = typer.Option(Path("fedge-out/simulate"), help="Folder for report.json/.png."),
     ray_address: str = typer.Option("", "--ray-address", help="HOST:PORT of a running Ray "
                                     "head (`ray start --head`): the virtual clients run on "
@@ -122,6 +137,8 @@ def simulate_command(
             downlink_first_contact=downlink_first_contact, gpus_per_client=gpus_per_client,
             ray_address=check_ray_address(ray_address) if ray_address else None,
             dp=_dp_keys(dp_noise, dp_clip, dp_delta, dp_max_epsilon, dp_adaptive),
+            secagg=_secagg_keys(secure_aggregation, secagg_bits, secagg_clip,
+                                secagg_min_survivors),
         )
         configs = [options.run_config(c) for c in options.codecs]
         for config in configs:  # names, specs and ranges of every run first: no torch yet
@@ -170,6 +187,15 @@ def _dp_keys(noise: float, clip: float | None, delta: float | None,
             "dp-max-epsilon": max_epsilon, "dp-adaptive": adaptive}
     return {k: v for k, v in keys.items() if v not in (None, False) and not (
         k == "dp-noise" and v == 0.0)}
+
+
+def _secagg_keys(on: bool, bits: int | None, clip: float | None,
+                 min_survivors: int | None) -> dict[str, bool | int | float]:
+    """The `--secure-aggregation` / `--secagg-*` flags as run-config keys (validated with the
+    rest of the run config); only those given."""
+    keys = {"secure-aggregation": on or None, "secagg-bits": bits, "secagg-clip": clip,
+            "secagg-min-survivors": min_survivors}
+    return {k: v for k, v in keys.items() if v is not None}
 
 
 def _simulate_scenario(name: str, smoke: bool, engine: str, only: str, out: Path,

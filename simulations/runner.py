@@ -45,6 +45,8 @@ class SimulationOptions:
     downlink: str = "none"
     downlink_first_contact: str = "full"  # or "compressed": the model quantized, too
     dp: dict[str, Any] = field(default_factory=dict)  # run-config dp-* keys (server/dp.py)
+    # run-config secure-aggregation / secagg-* keys (docs/secure-aggregation.md)
+    secagg: dict[str, Any] = field(default_factory=dict)
     out: Path = Path("fedge-out")
     ray_address: str | None = None  # HOST:PORT of a running Ray head; None: a fresh local Ray
     gpus_per_client: float = 0.0  # Flower's num_gpus per virtual client (Ray backend)
@@ -71,6 +73,7 @@ class SimulationOptions:
                     "batch-size": self.batch_size, "data-dir": self.data_dir}
         config.update({k: v for k, v in optional.items() if v is not None})
         config.update(self.dp)
+        config.update(self.secagg)
         return config
 
 

@@ -58,16 +58,14 @@ def run_once(run: RunSpec, config: dict[str, Any], clients: int, listeners: list
     from fedge.simulations.stock_flower import stock_client_app, stock_server_app
 
     if engine == "inprocess":
-        from fedge.client.client_app import make_client_app
-        from fedge.client.compression_mod import compression_mod
-        from fedge.client.personal import personal_mod
+        from fedge.client.client_app import FEDGE_MODS, make_client_app
         from fedge.common.contract import FINAL_ARRAYS_STATE_KEY
         from fedge.server.inprocess_grid import InProcessGrid, run_server_app_inprocess
         from fedge.server.server_app import make_server_app
 
         device = use_device("auto")
         client = stock_client_app(config) if run.stock else make_client_app(
-            mods=[compression_mod, personal_mod])
+            mods=FEDGE_MODS)
         server = (stock_server_app(config, listeners) if run.stock
                   else make_server_app(config, listeners=listeners))
         grid = InProcessGrid(client, clients, run_config=config, seed=seed,
