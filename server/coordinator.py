@@ -499,6 +499,9 @@ class Coordinator:
             f"{rejected}, {record.seconds:.1f} s"
             + ("" if record.epsilon is None
                else f", DP epsilon {record.epsilon:.3f} (delta {record.delta:g})")
+            + ("" if not record.secagg  # what the secure exchange did (server/secagg_server.py)
+               else f", secure aggregation: {record.secagg.get('survivors')} masked inputs in "
+                    f"a {record.secagg.get('ring_bits')}-bit ring")
         )
 
 
