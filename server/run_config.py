@@ -333,9 +333,9 @@ def validate_run_config(
             continue  # continuous mode's test hook set this round's lr on purpose
         if key in config and not (key in DEFAULT_WHEN_EMPTY and config[key] == ""):
             _number(key, config[key], rng)
+    _secagg(config)  # before the downlink's check, which loads Flower
     _downlink(config)
     _dp(config)
-    _secagg(config)
     initial = config.get("initial-model")
     if initial and not Path(str(initial)).is_file():
         raise RunConfigError("initial-model", f"{initial!r} is not a file")

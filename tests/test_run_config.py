@@ -66,6 +66,9 @@ COORDINATOR_CASES = [
     (("--strategy", "fedavgg"), "--strategy", ["fedavgg", *STRATEGIES]),
     (("--task", "nosuchmod:task"), "--task", ["nosuchmod"]),
     (("--run-config", 'partition="dirichet"'), "partition", ["dirichet", *PARTITIONERS]),
+    # secure aggregation (docs/secure-aggregation.md): the masked words are the compression
+    (("--codec", "int8", "--run-config", "secure-aggregation=true"), "codec",
+     ["int8", "secure aggregation", "none"]),
 ]
 
 
@@ -92,6 +95,13 @@ SIMULATE_CASES = [
     (("--codec", "none,int9"), "--codec", ["int9", *VALUE_CODECS]),
     (("--alpha", "0"), "--alpha", ["> 0"]),
     (("--dataset", "cifar"), "--dataset", ["cifar", "digits", "fashion-mnist"]),
+    (("--secure-aggregation", "--codec", "none,int8"), "--codec", ["int8", "--codec none"]),
+    (("--secure-aggregation", "--downlink", "int8"), "--downlink", ["int8", "--downlink none"]),
+    (("--secure-aggregation", "--strategy", "krum"), "--strategy", ["krum", "fedavg"]),
+    (("--secagg-bits", "6"), "--secagg-bits", ["6", "8, 4"]),
+    (("--secure-aggregation", "--secagg-clip", "0"), "--secagg-clip", ["> 0"]),
+    (("--secure-aggregation", "--dp-noise", "1", "--dp-clip", "1", "--dp-adaptive"),
+     "--dp-adaptive", ["secure aggregation"]),
 ]
 
 
