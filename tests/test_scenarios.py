@@ -50,7 +50,7 @@ def test_scenarios_are_the_issues() -> None:
         "topk=0.01+int4:ahead=0.0", "topk=0.01+int4:pertensor:ahead=0.0",
         "int8+downlink-int8", "int8+downlink-int8+first-int8",
         "fedge-tuned", "fedge-tuned+int4+downlink-int8", "stock-flower-best",
-        *TUNING_RUNS]
+        *TUNING_RUNS, "secagg-int8"]
     runs = {r.label: r for r in fm.runs}
     assert fm.runs[0].stock and runs["int8+downlink-int8+first-int8"].downlink == "int8"
     assert fm.run_config(runs["int8+downlink-int8"])["downlink-first-contact"] == "full"
@@ -69,6 +69,11 @@ def test_scenarios_are_the_issues() -> None:
     assert config["downlink-first-contact"] == "compressed"
     assert config["downlink-codec"] == "int8" and config["min-train-nodes"] == 10
     assert config["fraction-train"] == pytest.approx(0.1) and config["seed"] == 0
+    # issue 17: int8's settings, with the coordinator learning only the sum
+    secure, int8 = fm.run_config(runs["secagg-int8"]), fm.run_config(runs["int8"])
+    assert {k: v for k, v in secure.items() if not k.startswith(("secagg-", "secure-"))} == {
+        **int8, "codec": "none"}
+    assert (secure["secure-aggregation"], secure["secagg-bits"]) == (True, 8)
     sh = SCENARIOS["shakespeare"]
     assert [r.codec for r in sh.runs] == ["none", "int8", "int4"] and sh.clients == 0
     for name in SCENARIOS:
@@ -237,6 +242,30 @@ def test_fashion_mnist_100_smoke(tmp_path: Path, small_fashion_mnist: Path) -> N
     assert runs["stock-flower-best"]["summary"]["global_mean_client_accuracy"] is not None
     assert (tmp_path / "out" / "clients.png").stat().st_size > 0
     assert (tmp_path / "out" / "report.md").read_text().count("| `") == len(scenario.runs)
+
+
+def test_fashion_mnist_100_secagg_smoke(tmp_path: Path, small_fashion_mnist: Path) -> None:
+    """`--only int8,secagg-int8` of the smoke: the secure run learns like int8 and its report
+    says the masked exchange happened (2 devices a round: 9-bit ring words)."""
+    scenario = get_scenario("fashion-mnist-100", smoke=True)
+    scenario = replace(scenario, extra={"data-dir": str(small_fashion_mnist)})
+    report = load_report(run_scenario(scenario, tmp_path / "out", only=["int8", "secagg-int8"]))
+    runs = {r["codec"]: r for r in report["runs"]}
+    assert list(runs) == ["int8", "secagg-int8"]
+    params = 1_663_370  # the Fashion-MNIST CNN, every tensor float
+    for r in runs["secagg-int8"]["rounds"]:
+        assert r["codec"] == "secagg-int8" and r["accepted"] == 2 and r["rejected"] == 0
+        s = r["secagg"]
+        assert (s["bits"], s["ring_bits"], s["survivors"], s["dropped"]) == (8, 9, 2, 0)
+        assert r["uplink_bytes"] == sum(s["up_bytes"].values())
+        words = 2 * (params * 9 + 7) // 8
+        assert words <= s["up_bytes"]["masked-input"] <= words * 1.01
+    secure, plain = runs["secagg-int8"]["rounds"], runs["int8"]["rounds"]
+    assert secure[-1]["accuracy"] >= 0.15 and secure[-1]["loss"] < secure[0]["loss"]
+    assert abs(secure[-1]["accuracy"] - plain[-1]["accuracy"]) <= 0.05
+    # 9 bits a coordinate against int8's 8 and its block scales: about the same upload
+    up = {k: v["summary"]["uplink_mb"] for k, v in runs.items()}
+    assert 1.0 < up["secagg-int8"] / up["int8"] < 1.2
 
 
 @pytest.mark.skipif(not (DEFAULT_SHAKESPEARE_DIR / TARBALL).exists(),
