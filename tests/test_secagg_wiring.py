@@ -40,6 +40,9 @@ RUN = {"task": "digits", "lr": 0.1, "seed": 3}
 
 def test_fedges_client_app_carries_secagg_outermost() -> None:
     assert FEDGE_MODS[:2] == (secagg_mod, compression_mod)
+    import fedge.flower as public  # the public Flower-app API names the same objects
+
+    assert public.secagg_mod is secagg_mod and public.SecAggGrid is SecAggGrid
 
 
 def test_server_app_switch_runs_secure_rounds_and_says_so() -> None:
