@@ -78,3 +78,35 @@ async def test_masked_round_over_grpc_with_device_processes_sums_exactly(tmp_pat
     )
     assert np.array_equal(result.delta_sum, expected)
     assert set(result.traffic) == {"advertise", "share-keys", "masked-input", "unmask"}
+
+
+def test_coordinator_runs_fedges_app_with_secure_aggregation_from_its_run_config(
+    tmp_path: Path,
+) -> None:
+    """`fedge coordinator run --codec none --run-config 'secure-aggregation=true'` and three
+    `fedge client run` processes with fedge's own ClientApp (TLS, enrolled devices): every
+    round is a masked exchange, and the store, the round line and the record say so."""
+    from test_coordinator_e2e import fleet_of
+
+    from fedge.server.store import RoundStatus, RunStatus
+
+    with fleet_of(tmp_path) as fleet:
+        fleet.start_coordinator("--rounds", "2", "--min-devices", "3", "--min-train-nodes", "3",
+                                "--codec", "none", "--round-timeout", "90",
+                                "--run-config", "secure-aggregation=true lr=0.1")
+        for i in range(3):
+            fleet.start_device(f"dev{i}", "--partition-id", str(i), "--num-partitions", "3")
+        assert fleet.wait_coordinator(180) == 0, (tmp_path / "coordinator.log").read_text()
+        rounds, status = fleet.rounds()
+    log = (tmp_path / "coordinator.log").read_text()
+    assert status == RunStatus.COMPLETED, log[-3000:]
+    assert [r.round for r in rounds if r.status == RoundStatus.COMPLETED] == [1, 2], log[-3000:]
+    devices = {fleet.device_id(f"dev{i}") for i in range(3)}
+    for r in rounds:
+        m = r.metrics
+        assert m.codec == "secagg-int8" and m.accepted == 3 and m.rejected == 0, m
+        assert m.secagg is not None and (m.secagg["ring_bits"], m.secagg["survivors"]) == (10, 3)
+        assert m.uplink_bytes == sum(m.secagg["up_bytes"].values())
+        assert set(r.contributors) == devices and r.dropped == []
+    assert log.count("secure aggregation: 3 masked inputs in a 10-bit ring") == 2, log[-3000:]
+    assert rounds[-1].metrics.accuracy is not None and rounds[-1].metrics.accuracy > 0.5
