@@ -274,6 +274,10 @@ class CompressedStrategy(Strategy):
         stats = self.traffic(server_round)
         if secure is not None:
             self._record_secure(stats, secure)
+        elif self._secure is not None and server_round in self._secure.failures:
+            # the secure round released nothing (too many dropouts): every device sent in vain
+            why = self._secure.failures[server_round].reason
+            stats.rejected_reasons[f"secagg_{why}"] += self._sampled
         log.info(
             "aggregate_train: %d replies accepted, %d dropped %s",
             stats.accepted, stats.rejected, dict(stats.rejected_reasons) or "",

@@ -220,3 +220,16 @@ def test_the_masked_reply_leaves_out_the_dp_clipping_bit() -> None:
     assert len(result.survivors) == 3
     assert replies and not any(DP_REPLY_KEY in records_of(r.content, ConfigRecord)
                                for r in replies if r.has_content())
+
+
+def test_a_secure_round_that_releases_nothing_says_why_and_keeps_the_model() -> None:
+    """4 devices, `secagg-min-survivors` 5: no sum may be released; the round's record names
+    the reason for every device sent to, and the model stays as it was."""
+    config = {**RUN, "num-rounds": 1, "min-train-nodes": 4, "secure-aggregation": True,
+              "secagg-min-survivors": 5}
+    rounds: list[RoundMetrics] = []
+    context = run_server_app_inprocess(make_server_app(listeners=[rounds.append]),
+                                       InProcessGrid(app, 4, run_config=config))
+    (only,) = rounds
+    assert only.accepted == 0 and only.rejected_reasons == {"secagg_too_few_neighbours": 4}
+    assert only.accuracy == context.state["fedge.report"]["initial-accuracy"]
