@@ -175,7 +175,15 @@ def run_scenario(
                 for p in profiles
             }
             reports.append(report)
-    meta = {
+            # saved after every run, so a long split run stopped midway keeps what it finished
+            path = write_outputs(out, reports, _meta(scenario, engine, clients, compute, started))
+    return path
+
+
+def _meta(scenario: Scenario, engine: str, clients: int, compute: dict[str, Any],
+          started: float) -> dict[str, Any]:
+    """report.json's `meta`: the scenario, its base run config and the calibration."""
+    return {
         "scenario": scenario.name, "task": scenario.task, "clients": clients,
         "per_round": scenario.per_round, "rounds": scenario.rounds,
         "partition": scenario.partition, "alpha": scenario.alpha, "seed": scenario.seed,
@@ -185,7 +193,6 @@ def run_scenario(
         "command": f"fedge simulate --scenario {scenario.name.removesuffix('-smoke')}"
                    + (" --smoke" if scenario.smoke else ""),
     }
-    return write_outputs(out, reports, meta)
 
 
 def write_outputs(out: Path, reports: Sequence[RunReport], meta: dict[str, Any]) -> Path:
