@@ -60,7 +60,11 @@ DEFAULT_ROUND_DEVICES = 1000
 DEFAULT_STORM_DEVICES = 1000
 DEVICES_PER_WORKER = 500
 HEARTBEAT_S = 30.0
-"""The coordinator's heartbeat interval in this bench: a fleet of thousands, not a lab."""
+"""The coordinator's heartbeat interval in this bench: a fleet of thousands, not a lab. It is
+the floor: the coordinator stretches the interval it announces as the fleet grows
+(`fedge.server.fleet.HEARTBEATS_PER_S`), and the devices follow each reply, as real ones do."""
+POLL_WAIT_S = 120.0
+"""How long a device's long poll asks to wait: the edge runtime's own `poll_wait_s`."""
 IDLE_RSS_KB_GOAL = 100
 IDLE_CPU_PERCENT_GOAL = 25.0
 REJOIN_SECONDS_GOAL = 60.0
@@ -335,7 +339,7 @@ async def _device(idx: int, dev: BenchDevice, target: str, ca: bytes, mode: str,
                     while not stop.is_set():
                         header, parts = None, []
                         async for c in stub.PullTask(pb.PullTaskRequest(
-                                session_token=token, wait_s=25.0)):
+                                session_token=token, wait_s=POLL_WAIT_S)):
                             if c.WhichOneof("part") == "header":
                                 header = c.header
                             else:
@@ -380,7 +384,9 @@ async def _heartbeats(stub: Any, token: str, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s or HEARTBEAT_S)
         with contextlib.suppress(Exception):  # the main loop notices a broken link
-            await stub.Heartbeat(pb.HeartbeatRequest(session_token=token, state=1), timeout=30)
+            reply = await stub.Heartbeat(pb.HeartbeatRequest(session_token=token, state=1),
+                                         timeout=30)
+            interval_s = reply.heartbeat_interval_s or interval_s  # as the edge runtime does
 
 
 async def _run_devices(args: argparse.Namespace) -> None:

@@ -78,7 +78,7 @@ class ServiceSettings:
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
-    max_wait_s: float = 30.0  # longest long poll
+    max_wait_s: float = 120.0  # longest long poll: each one an idle device re-opens costs CPU
     flush_every: int = 4 << 20  # make upload progress durable every this many bytes
     memory_result_bytes: int = 16 << 20  # fresh uploads up to this size arrive in memory
     memory_budget_bytes: int = 256 << 20  # ... while all in-memory uploads stay under this
