@@ -432,7 +432,7 @@ def _fleet(tmp: Path, count: int) -> tuple[Path, Path, Path]:
     return state, state / "tls" / "ca.pem", devices_file
 
 
-def measure_idle(sizes: Sequence[int], settle_s: float = 5.0, window_s: float = 5.0,
+def measure_idle(sizes: Sequence[int], settle_s: float = 5.0, window_s: float = 60.0,
                  per_worker: int = DEVICES_PER_WORKER) -> dict[str, Any]:
     """The coordinator's RSS, join time and idle CPU at each fleet size (growing)."""
     sizes = sorted(set(sizes))
@@ -575,8 +575,11 @@ def measure_storm(devices: int, per_worker: int = DEVICES_PER_WORKER, push_delay
 
 def run(idle_sizes: Sequence[int] = DEFAULT_IDLE_SIZES, round_devices: int = DEFAULT_ROUND_DEVICES,
         storm_devices: int = DEFAULT_STORM_DEVICES, per_worker: int = DEVICES_PER_WORKER,
-        settle_s: float = 5.0, window_s: float = 5.0, push_delay_s: float = 5.0) -> dict[str, Any]:
+        settle_s: float = 5.0, window_s: float = 60.0, push_delay_s: float = 5.0) -> dict[str, Any]:
     """All three figures as one JSON-ready dict, with the issue's goals checked."""
+    from fedge.server.admission import DEFAULT_JOINS_PER_S
+    from fedge.server.fleet import HEARTBEATS_PER_S
+
     idle = measure_idle(idle_sizes, settle_s, window_s, per_worker)
     out: dict[str, Any] = {
         "idle": idle["idle"],
@@ -608,6 +611,9 @@ def run(idle_sizes: Sequence[int] = DEFAULT_IDLE_SIZES, round_devices: int = DEF
     out["checks"] = checks
     out["ok"] = all(checks.values())
     out["heartbeat_interval_s"] = HEARTBEAT_S
+    out["max_heartbeats_per_s"] = HEARTBEATS_PER_S  # past HEARTBEAT_S x this, the interval grows
+    out["long_poll_s"] = POLL_WAIT_S
+    out["joins_per_s"] = DEFAULT_JOINS_PER_S
     out["transport"] = "mutual TLS, one connection per device, signed results, 127.0.0.1"
     return out
 
