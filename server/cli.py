@@ -8,6 +8,7 @@ a bad run config is refused before any of them load.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,10 @@ def run_command(
         except Exception as e:
             typer.echo(f"Error: cannot start the coordinator: {type(e).__name__}: {e}", err=True)
             return 2
+        # this process is one coordinator: what start-up built (imports, the model, the app)
+        # lives as long as it does, so keep it out of every garbage collection, which would
+        # otherwise walk it again and again as the fleet's per-call objects churn
+        gc.freeze()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, coordinator.request_stop)
         if early_stop.is_set():

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 import logging
 import shutil
 import socket
@@ -269,9 +268,6 @@ class Coordinator:
                 metrics=metrics, servers=servers,
             )
             undo.pop_all()
-        # what start-up built (imports, the model, the app) lives as long as the process: out of
-        # every garbage collection, which otherwise walks it again as the fleet's objects churn
-        gc.freeze()
         coordinator._background += [
             asyncio.create_task(service.flush_last_seen()),
             asyncio.create_task(coordinator._watch_devices()),
