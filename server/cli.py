@@ -65,7 +65,10 @@ def run_command(
                                    "fedge's; its settings come from --run-config alone."),
     chunk_size: int = typer.Option(1 << 20, min=1, max=2 << 20, help="Transfer chunk, bytes."),
     max_result_bytes: int = typer.Option(256 << 20, min=1, help="Largest result accepted, bytes."),
-    heartbeat_interval: float = typer.Option(5.0, min=0.1, help="Device heartbeat, seconds."),
+    heartbeat_interval: float = typer.Option(
+        5.0, min=0.1,
+        help="Device heartbeat, seconds; stretched for large fleets (at most 50 a second in all).",
+    ),
     run_config: list[str] = typer.Option([], "--run-config", help="More run config in "
                                          "Flower's syntax: 'lr=0.1 local-epochs=2' (TOML "
                                          "values, strings in quotes) or a .toml file."),
