@@ -8,7 +8,9 @@ Issue 14 asks what one coordinator holds. Three figures, one JSON object:
    connection, heartbeats at the interval the coordinator asks for and
    long-polls for a task. Reported per size: the coordinator's RSS, how long
    that step of devices took to join, and the coordinator's CPU while they
-   idle (percent of one core). `marginal_kb_per_device` is the RSS slope
+   idle (percent of one core, over `window_s`: 60 s by default, because a
+   fleet's heartbeats and polls come in waves and a few seconds see one wave
+   or none). `marginal_kb_per_device` is the RSS slope
    between the smallest and the largest size.
 2. **round**: one round of the digits MLP with every device taking part
    (int8 updates). The devices are light in-bench clients that speak the real
