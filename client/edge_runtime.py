@@ -161,7 +161,7 @@ class EdgeDevice:
         chunk_size: int | None = None,
         max_backoff: float = 60.0,
         base_backoff: float = 0.5,
-        poll_wait_s: float = 30.0,
+        poll_wait_s: float = 120.0,
         stall_timeout_s: float = 60.0,
         rng: UniformSource | None = None,
         credentials: DeviceCredentials | None = None,

@@ -201,7 +201,11 @@ def bench_fleet(
     per_worker: int = typer.Option(500, "--per-worker", min=1,
                                    help="Devices per client process."),
     settle: float = typer.Option(5.0, min=0.0, help="Seconds idle before measuring."),
-    window: float = typer.Option(5.0, min=0.1, help="Seconds the idle CPU is measured over."),
+    window: float = typer.Option(
+        60.0, min=0.1,
+        help="Seconds the idle CPU is measured over (a fleet's heartbeats and polls come in "
+        "waves: a short window sees one wave or none).",
+    ),
 ) -> None:
     """One coordinator process and a fleet of light mTLS devices: idle, one round, a storm."""
     from fedge.bench.fleet_bench import main

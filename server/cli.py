@@ -8,6 +8,7 @@ a bad run config is refused before any of them load.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,10 @@ def run_command(
                                    "fedge's; its settings come from --run-config alone."),
     chunk_size: int = typer.Option(1 << 20, min=1, max=2 << 20, help="Transfer chunk, bytes."),
     max_result_bytes: int = typer.Option(256 << 20, min=1, help="Largest result accepted, bytes."),
-    heartbeat_interval: float = typer.Option(5.0, min=0.1, help="Device heartbeat, seconds."),
+    heartbeat_interval: float = typer.Option(
+        5.0, min=0.1,
+        help="Device heartbeat, seconds; stretched for large fleets (at most 50 a second in all).",
+    ),
     run_config: list[str] = typer.Option([], "--run-config", help="More run config in "
                                          "Flower's syntax: 'lr=0.1 local-epochs=2' (TOML "
                                          "values, strings in quotes) or a .toml file."),
@@ -157,6 +161,10 @@ def run_command(
         except Exception as e:
             typer.echo(f"Error: cannot start the coordinator: {type(e).__name__}: {e}", err=True)
             return 2
+        # this process is one coordinator: what start-up built (imports, the model, the app)
+        # lives as long as it does, so keep it out of every garbage collection, which would
+        # otherwise walk it again and again as the fleet's per-call objects churn
+        gc.freeze()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, coordinator.request_stop)
         if early_stop.is_set():

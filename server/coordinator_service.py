@@ -11,6 +11,8 @@ refusal, the upload state machine and how transfers resume. In short:
   Results must carry the device's signature (`fedge.common.signing`),
   verified after the hash and before anything is decoded. With `mtls=False`
   (`--insecure`) the session alone names the device: no identity.
+- `Join` is paced (`admission.py`): a burst waits its turn or is refused with
+  RESOURCE_EXHAUSTED, and the device backs off and joins again.
 - `PullTask` long-polls the device's queue in the `Fleet` and streams the
   task (a Flower message) as a header and chunks; `task_id` + `offset`
   resume a broken download.
@@ -52,6 +54,7 @@ from fedge.common.chunking import (
     iter_file_chunks,
 )
 from fedge.common.contract import FLOWER_MESSAGE_FORMAT, MODEL_SNAPSHOT_FORMAT, PROTOCOL_VERSION
+from fedge.server.admission import DEFAULT_JOINS_PER_S, DEFAULT_MAX_WAIT_S, JoinPacer
 from fedge.server.audit import audit
 from fedge.server.device_identity import require_device
 from fedge.server.fleet import DeviceEntry, Fleet, TaskPayload
@@ -78,10 +81,12 @@ class ServiceSettings:
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
-    max_wait_s: float = 30.0  # longest long poll
+    max_wait_s: float = 120.0  # longest long poll: each one an idle device re-opens costs CPU
     flush_every: int = 4 << 20  # make upload progress durable every this many bytes
     memory_result_bytes: int = 16 << 20  # fresh uploads up to this size arrive in memory
     memory_budget_bytes: int = 256 << 20  # ... while all in-memory uploads stay under this
+    joins_per_s: float = DEFAULT_JOINS_PER_S  # admission: Joins paced to this rate (0: unpaced)
+    join_wait_s: float = DEFAULT_MAX_WAIT_S  # ... a Join waits its turn this long, else refused
 
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
@@ -114,6 +119,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.settings = settings or ServiceSettings()
         self.model_version = model_version
         self._uploading: set[str] = set()
+        self.joins = JoinPacer(self.settings.joins_per_s, self.settings.join_wait_s)
         self._in_memory = 0  # bytes reserved by uploads assembled in memory
 
     # ------------------------------------------------------------ identity
@@ -142,6 +148,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # ------------------------------------------------------------ sessions
 
     async def Join(self, request: pb.JoinRequest, context: ServicerContext) -> pb.JoinReply:
+        wait = self.joins.reserve()  # admission control (server/admission.py)
+        if wait is None:
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "coordinator busy admitting devices; join again after a backoff",
+            )
+        if wait > 0:
+            await asyncio.sleep(wait)
         device_id = request.device_id or None
         if self.mtls:  # the certificate names the device; the request's id is ignored
             device_id = (await require_device(context, self.store)).id

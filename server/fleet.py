@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import threading
 import time
@@ -32,6 +33,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedge.common.chunking import ChunkError, check_chunk_size
+
+HEARTBEATS_PER_S = 50.0
+"""The most heartbeats a second a coordinator asks of its fleet (`Fleet.heartbeat_interval_s`).
+
+Every RPC costs the coordinator about a millisecond of CPU in gRPC and TLS at
+idle (measured in docs/scaling.md), so the announced interval grows with the
+fleet past `heartbeat floor x 50` devices: 10,000 devices at a 30 s floor are
+told 200 s. An idle device is live anyway while its long poll is open."""
 
 ResultCallback = Callable[[str, Path, Any, int], None]
 """(task id, result file, the parsed reply or None, payload size): how a result reaches the grid."""
@@ -99,7 +108,8 @@ class Fleet:
     """Sessions, liveness, per-device queues and live tasks; safe across threads.
 
     A device is *live* while one of its calls is open (a long poll) or it was
-    heard from within `liveness_s` (a few heartbeat intervals).
+    heard from within `liveness_s` (a few of the longest heartbeat intervals
+    announced so far).
     """
 
     def __init__(
@@ -107,10 +117,13 @@ class Fleet:
         *,
         heartbeat_interval_s: float = 5.0,
         liveness_factor: float = 3.0,
+        max_heartbeats_per_s: float = HEARTBEATS_PER_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.heartbeat_interval_s = float(heartbeat_interval_s)
-        self.liveness_s = float(heartbeat_interval_s) * float(liveness_factor)
+        self.base_heartbeat_s = float(heartbeat_interval_s)
+        self.max_heartbeats_per_s = float(max_heartbeats_per_s)  # 0: never stretch
+        self.liveness_factor = float(liveness_factor)
+        self._longest_interval = self.base_heartbeat_s
         self.lock = threading.RLock()
         self._clock = clock
         self._by_token: dict[str, DeviceEntry] = {}
@@ -118,6 +131,25 @@ class Fleet:
         self._by_node: dict[int, DeviceEntry] = {}
         self._tasks: dict[str, TaskPayload] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """The interval to announce now: the configured one, stretched (in whole seconds) so
+        that all sessions together send at most `max_heartbeats_per_s`."""
+        interval = self.base_heartbeat_s
+        if self.max_heartbeats_per_s > 0:
+            stretched = len(self._by_token) / self.max_heartbeats_per_s
+            if stretched > interval:
+                interval = float(math.ceil(stretched))
+        if interval > self._longest_interval:  # a device may wait this long: liveness follows
+            self._longest_interval = interval
+        return interval
+
+    @property
+    def liveness_s(self) -> float:
+        """Silence after which a device without an open call is gone: a few of the longest
+        intervals any device was told (a device told 200 s is not dropped at 3 x 30 s)."""
+        return self._longest_interval * self.liveness_factor
 
     def now(self) -> float:
         """The clock task deadlines and liveness use (monotonic seconds)."""
@@ -172,12 +204,13 @@ class Fleet:
 
     def live_node_ids(self, *, training: bool = True) -> list[int]:
         """Node ids of live devices, in join order; `training` leaves out inference-only ones."""
-        now = self._clock()
+        heard_since = self._clock() - self.liveness_s  # once: this runs over the whole fleet
         with self.lock:
             return [
                 e.node_id
                 for e in self._by_device.values()
-                if self.is_live(e, now) and not (training and e.inference_only)
+                if (e.polls > 0 or e.last_seen >= heard_since)
+                and not (training and e.inference_only)
             ]
 
     def take_touched(self) -> list[str]:
@@ -243,8 +276,14 @@ class Fleet:
                 remaining = deadline - loop.time()
                 if task is not None or remaining <= 0:
                     return task
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), remaining)
+                # parked on the event with one timer, not `wait_for` (a Task and two futures
+                # per poll): thousands of idle devices sit here; the timer's wake-up is spurious
+                # for another poll of the same device, which looks again and parks again
+                timer = loop.call_later(remaining, event.set)
+                try:
+                    await event.wait()
+                finally:
+                    timer.cancel()
         finally:
             with self.lock:
                 entry.polls -= 1

@@ -80,10 +80,11 @@ def test_edge_footprint_waiting_and_bare_torch() -> None:
 
 
 def test_fleet_bench_json_at_tiny_size() -> None:
-    """Idle sizes, a round and a kill -9 storm, through the CLI; counts checked in SQLite."""
+    """Idle sizes, a round and a kill -9 storm of 100 devices (CI size), through the CLI;
+    exactly-once counting checked in SQLite."""
     result = CliRunner().invoke(app, [
         "bench", "fleet", "--json", "--idle-sizes", "2,4", "--round-devices", "3",
-        "--storm-devices", "4", "--per-worker", "2", "--settle", "0.2", "--window", "0.5",
+        "--storm-devices", "100", "--per-worker", "50", "--settle", "0.2", "--window", "0.5",
     ])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -96,7 +97,7 @@ def test_fleet_bench_json_at_tiny_size() -> None:
     assert rnd["devices"] == 3 and rnd["accepted"] == 3 and rnd["counted_once"] is True
     assert rnd["seconds"] > 0 and rnd["updates_per_s"] > 0 and rnd["coordinator_peak_rss_mb"] > 0
     storm = out["storm"]
-    assert storm["devices"] == 4 and storm["rejoined"] == 4
+    assert storm["devices"] == 100 and storm["rejoined"] == 100
     assert storm["lost"] == 0 and storm["double_counted"] == 0
     assert storm["rounds_completed"] == 2 and storm["killed_after_acks"] >= 1
     assert out["checks"]["round_counted_once"] and out["checks"]["storm_exactly_once"]
