@@ -248,18 +248,26 @@ def _strategy(config: Mapping[str, Any]) -> None:
     itself is loaded and checked where it is used: `server/app_loading.py`)."""
     raw = config.get("strategy", "fedavg")
     if isinstance(raw, str) and ":" in raw:
-        module, _, attr = raw.strip().partition(":")
-        try:
-            found = bool(module) and importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found or not attr:
-            why = f"no module {module!r} on the Python path" if not found else "no object"
+        why = _reference_problem(raw.strip())
+        if why is not None:
             raise RunConfigError("strategy", f"{raw!r}: {why}; give one of "
                                  f"{', '.join(STRATEGIES)} or module:object naming a Flower "
                                  "strategy")
         return
     _choice(config, "strategy", "fedavg", STRATEGIES)
+
+
+def _reference_problem(ref: str) -> str | None:
+    """What is wrong with a `module:object` reference (its module is not importable, or it
+    names no object), or None; the object itself is checked where it is loaded."""
+    module, _, attr = ref.partition(":")
+    try:
+        found = bool(module) and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return f"no module {module!r} on the Python path"
+    return None if attr else "no object"
 
 
 def _task_reference(config: Mapping[str, Any]) -> str:
@@ -269,14 +277,9 @@ def _task_reference(config: Mapping[str, Any]) -> str:
         raise RunConfigError("task", f"{raw!r} is not a task: give a built-in task's name "
                              "or module:object naming a fedge Task")
     ref = raw.strip()
-    module, sep, attr = ref.partition(":")
-    if sep:
-        try:
-            found = bool(module) and importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found or not attr:
-            why = f"no module {module!r} on the Python path" if not found else "no object"
+    if ":" in ref:
+        why = _reference_problem(ref)
+        if why is not None:
             raise RunConfigError("task", f"{ref!r}: {why}; give a built-in task's name or "
                                  "module:object naming a fedge Task (docs/tasks.md)")
     return ref
