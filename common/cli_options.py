@@ -3,6 +3,7 @@
 - `--log-level`: one option, one spelling and one set of choices for every
   long-running command (`coordinator run`, `client run`, `simulate`, `demo`),
   and the one place that turns it into Python logging.
+- `--json`: the one spelling of every `fedge bench` command's machine-readable output.
 - `LazyChoice`: a fixed list offered as real choices (help, shell completion,
   refusal of anything else) whose list is read only when a command needs it,
   so building the `fedge` command imports nothing heavy (numpy, torch, Flower).
@@ -41,6 +42,12 @@ def log_level_option(default: LogLevel) -> Any:
     """The `--log-level` typer option with a command's own default."""
     return typer.Option(default, "--log-level", case_sensitive=False,
                         help="How much to log beneath the command's own output.")
+
+
+def json_option() -> Any:
+    """The `--json` option of every `fedge bench` command: the bench's figures as one JSON
+    object on stdout (what `bench/results/` keeps), instead of a table."""
+    return typer.Option(False, "--json", help="Print one JSON object and nothing else.")
 
 
 def configure_logging(level: LogLevel | str, *, flower: LogLevel | str | None = None) -> None:

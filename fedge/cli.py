@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from fedge.client.cli import client_app_cli
 from fedge.client.enroll_cli import enroll_command
 from fedge.client.predict_cli import predict_command
+from fedge.common.cli_options import json_option
 from fedge.demo import demo_command
 from fedge.server.cli import run_command as coordinator_run_command
 from fedge.server.devices_cli import devices_app, token_app
@@ -114,9 +115,7 @@ def bench_codec(
 
 @bench_app.command("aggregate")
 def bench_aggregate(
-    json_output: bool = typer.Option(
-        False, "--json", help="Print one JSON object and nothing else."
-    ),
+    json_output: bool = json_option(),
     params: int = typer.Option(5_000_000, help="Model parameters (float32)."),
     counts: str = typer.Option("20,200", help="Two reply counts, low,high."),
     held: bool = typer.Option(
@@ -138,9 +137,7 @@ def bench_aggregate(
 
 @bench_app.command("edge")
 def bench_edge(
-    json_output: bool = typer.Option(
-        False, "--json", help="Print one JSON object and nothing else."
-    ),
+    json_output: bool = json_option(),
     arm64: bool = typer.Option(
         False, "--arm64", help="Also run scripts/pi-emulate (root, Debian; many minutes)."
     ),
@@ -170,9 +167,7 @@ def bench_edge(
 
 @bench_app.command("transport")
 def bench_transport(
-    json_output: bool = typer.Option(
-        False, "--json", help="Print one JSON object and nothing else."
-    ),
+    json_output: bool = json_option(),
     devices: int = typer.Option(50, min=1, help="Concurrent device connections pushing updates."),
     pushes: int = typer.Option(8, min=1, help="Updates each device pushes."),
     idle: int = typer.Option(500, min=1, help="Idle devices for the coordinator's RSS."),
@@ -188,9 +183,7 @@ def bench_transport(
 
 @bench_app.command("fleet")
 def bench_fleet(
-    json_output: bool = typer.Option(
-        False, "--json", help="Print one JSON object and nothing else."
-    ),
+    json_output: bool = json_option(),
     idle_sizes: str = typer.Option(
         "1000,5000,10000", "--idle-sizes", help="Idle fleet sizes, growing, comma-separated."
     ),
@@ -253,9 +246,7 @@ def bench_secagg(
 
 @bench_app.command("inference")
 def bench_inference(
-    json_output: bool = typer.Option(
-        False, "--json", help="Print one JSON object and nothing else."
-    ),
+    json_output: bool = json_option(),
     cache: bool = typer.Option(
         True, "--cache/--no-cache", help="Reuse the trained CNN from the temp folder."
     ),
@@ -269,9 +260,7 @@ def bench_inference(
 
 @bench_app.command("flower")
 def bench_flower(
-    json_output: bool = typer.Option(
-        False, "--json", help="Print one JSON object and nothing else."
-    ),
+    json_output: bool = json_option(),
     clients: int = typer.Option(4, min=1, help="Simulated clients (num-supernodes)."),
     rounds: int = typer.Option(3, min=1, help="Federated rounds."),
     samples: int = typer.Option(300, min=1, help="Training examples per client."),
