@@ -10,19 +10,27 @@
   Runtime beside torch, both on one thread (a Pi-class core; also what keeps
   a shared machine's figures comparable), interleaved (`inference_bench.latency`).
 - **Installed size of an inference-only device**: the packages a fresh venv
-  gets from `pip install --no-deps fedge` plus the `inference` extra, summed
-  from the installed distributions' RECORD files (the extra's requirements
-  and everything they require, as installed here; pip and setuptools, which
-  come with Python's venv, left out) plus fedge's own modules. Offline and
-  repeatable; docs/edge.md gives the fresh-venv `du` that confirmed it.
+  gets from `pip install --no-deps fedge` plus the `inference` extra (numpy
+  runs the ONNX file), and plus `inference-onnxruntime` (ONNX Runtime runs
+  it), summed from the installed distributions' RECORD files (the extra's
+  requirements and everything they require, as installed here; pip and
+  setuptools, which come with Python's venv, left out) plus fedge's own
+  modules. Offline and repeatable, on this machine's platform; the arm64
+  figures come from the aarch64 wheels themselves (`scripts/inference-install-size`,
+  bench/results/inference-install-arm64.json).
+- **The numpy runner** (`fedge.common.onnx_numpy`, what a device without ONNX
+  Runtime uses): its top-1 agreement with `fedge predict`'s torch loader on
+  the same images and its batch-1 latency, beside ONNX Runtime's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
+import platform
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,14 @@ BARS = {"fp32_agreement": 0.995, "int8_agreement": 0.99, "inference_only_install
 PYTHON_OWN = {"pip", "setuptools", "wheel"}
 """What `python -m venv` puts in a venv by itself: 'Python's own packages'."""
 EXTRA = "inference"
+EXTRA_ORT = "inference-onnxruntime"
+SAME_FILES: dict[str, tuple[str, frozenset[str]]] = {
+    "typer-slim": ("typer", frozenset({"rich", "shellingham"})),
+}
+"""A requirement measured by the files of another installed distribution: typer-slim
+ships the `typer` package that typer ships (same version line), with rich and shellingham
+optional instead of required. The coordinator's set-up installs typer (Flower requires it),
+and both in one venv would write the same files."""
 
 
 def _name(requirement: str) -> str:
@@ -75,26 +91,43 @@ def _fedge_own_bytes() -> int:
     return total
 
 
+def _extra_requirements(extra: str) -> list[str]:
+    """The names an extra of fedge adds, with the extras it names (`fedge[other]`) expanded."""
+    names: list[str] = []
+    for r in md.requires("fedge") or []:
+        if not _applies(r, extra) or _applies(r, ""):
+            continue
+        name = _name(r)
+        if name == "fedge":
+            inner = re.search(r"\[([^\]]+)\]", r)
+            for other in (inner.group(1).split(",") if inner else []):
+                names += _extra_requirements(other.strip())
+        else:
+            names.append(name)
+    return names
+
+
 def inference_install(extra: str = EXTRA) -> dict[str, Any]:
     """Bytes per distribution an inference-only device installs (the extra's closure)."""
-    wanted = [r for r in (md.requires("fedge") or []) if _applies(r, extra) and
-              not _applies(r, "")]
+    wanted = _extra_requirements(extra)
     if not wanted:
         raise RuntimeError(f"fedge's installed metadata has no [{extra}] extra: pip install -e .")
     sizes: dict[str, int] = {}
     missing: list[str] = []
-    todo = [_name(r) for r in wanted]
+    todo = list(wanted)
     while todo:
         name = todo.pop()
         if name in sizes or name in PYTHON_OWN or name in missing:
             continue
+        measured_as, optional = SAME_FILES.get(name, (name, frozenset()))
         try:
-            dist = md.distribution(name)
+            dist = md.distribution(measured_as)
         except md.PackageNotFoundError:
             missing.append(name)
             continue
         sizes[name] = _dist_bytes(dist)
-        todo += [_name(r) for r in (dist.requires or []) if _applies(r)]
+        todo += [n for n in (_name(r) for r in (dist.requires or []) if _applies(r))
+                 if n not in optional]
     sizes["fedge"] = _fedge_own_bytes()
     return {
         "mb": round(sum(sizes.values()) / 1e6, 1),
@@ -133,22 +166,38 @@ def onnx_measurements(
     torch.set_num_threads(1)
     try:
         torch_p = {fmt: load_predictor(data) for fmt, data in pb.items()}
-        ort_p = {fmt: load_onnx_predictor(data, threads=1) for fmt, data in onnx_files.items()}
+        ort_p = {fmt: load_onnx_predictor(data, threads=1, runtime="onnxruntime")
+                 for fmt, data in onnx_files.items()}
+        np_p = {f"numpy-{fmt}": load_onnx_predictor(data, runtime="numpy")
+                for fmt, data in onnx_files.items()}
         classes = {name: p.predict(x, batch_size=256).classes
-                   for name, p in [*torch_p.items(), *ort_p.items()]}
-        timed = latency({"onnxruntime": ort_p["onnx"], "torch": torch_p["fp32"],
-                         "onnxruntime_int8": ort_p["onnx-int8"], "torch_int8": torch_p["int8"]},
-                        x, batch_sizes=(1,), calls={1: latency_calls})
+                   for name, p in [*torch_p.items(), *ort_p.items(), *np_p.items()]}
+        with _one_blas_thread():
+            timed = latency({"onnxruntime": ort_p["onnx"], "torch": torch_p["fp32"],
+                             "numpy": np_p["numpy-onnx"],
+                             "onnxruntime_int8": ort_p["onnx-int8"],
+                             "torch_int8": torch_p["int8"], "numpy_int8": np_p["numpy-onnx-int8"]},
+                            x, batch_sizes=(1,), calls={1: latency_calls})
     finally:
         torch.set_num_threads(threads)
-    install = inference_install()
+    install, install_ort = inference_install(EXTRA), inference_install(EXTRA_ORT)
     ms = {name: t["batch_1"]["median_ms"] for name, t in timed.items()}
+
+    def agree(a: str, b: str) -> float:
+        return float((classes[a] == classes[b]).mean())
+
     result = {
-        "fp32_agreement": float((classes["onnx"] == classes["fp32"]).mean()),
-        "int8_agreement": float((classes["onnx-int8"] == classes["int8"]).mean()),
+        "fp32_agreement": agree("onnx", "fp32"),
+        "int8_agreement": agree("onnx-int8", "int8"),
         "inference_only_installed_mb": install["mb"],
-        "batch1_ms": {"onnxruntime": ms["onnxruntime"], "torch": ms["torch"]},
-        "batch1_ms_int8": {"onnxruntime": ms["onnxruntime_int8"], "torch": ms["torch_int8"]},
+        "batch1_ms": {"onnxruntime": ms["onnxruntime"], "torch": ms["torch"],
+                      "numpy": ms["numpy"]},
+        "batch1_ms_int8": {"onnxruntime": ms["onnxruntime_int8"], "torch": ms["torch_int8"],
+                           "numpy": ms["numpy_int8"]},
+        "numpy_runner": {"fp32_agreement": agree("numpy-onnx", "fp32"),
+                         "int8_agreement": agree("numpy-onnx-int8", "int8"),
+                         "same_as_onnxruntime": agree("numpy-onnx", "onnx") == 1.0
+                         and agree("numpy-onnx-int8", "onnx-int8") == 1.0},
         "images": len(x),
         "accuracy": {name: round(float((c == y).mean()), 4) for name, c in classes.items()},
         "file_bytes": {**{k: len(v) for k, v in pb.items()},
@@ -156,15 +205,32 @@ def onnx_measurements(
         "torch_int8_kernels": torch_p["int8"].kernels,
         "threads": 1,
         "installed_by_package_mb": install["by_package_mb"],
-        "installed_has_torch": install["has_torch"],
+        "installed_has_torch": install["has_torch"] or install_ort["has_torch"],
+        "installed_missing": install["missing"],
+        "inference_only_installed_mb_with_onnxruntime": install_ort["mb"],
+        "installed_platform": platform.machine(),
     }
     result["checks"] = {
-        "fp32_agreement": result["fp32_agreement"] >= BARS["fp32_agreement"],
-        "int8_agreement": result["int8_agreement"] >= BARS["int8_agreement"],
+        "fp32_agreement": result["fp32_agreement"] >= BARS["fp32_agreement"]
+        and result["numpy_runner"]["fp32_agreement"] >= BARS["fp32_agreement"],
+        "int8_agreement": result["int8_agreement"] >= BARS["int8_agreement"]
+        and result["numpy_runner"]["int8_agreement"] >= BARS["int8_agreement"],
         "inference_only_installed_mb": install["mb"] <= BARS["inference_only_installed_mb"]
-        and not install["has_torch"],
+        and not result["installed_has_torch"] and not install["missing"],
     }
     return result
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread while latency is timed, as torch and ONNX Runtime are."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it, BLAS keeps its default
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 if __name__ == "__main__":

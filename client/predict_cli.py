@@ -5,10 +5,11 @@ holding `{"inputs": [...]}` or a bare list, as `POST /v1/predict` takes; each
 is one example (the task's input shape, e.g. [1, 28, 28]) or a batch of them.
 Values are what the task's model takes (Fashion-MNIST: float pixels in [0, 1]).
 
-Two runtimes, chosen by the file: a `.onnx` export (`fedge export --format
-onnx|onnx-int8`) runs with ONNX Runtime and never imports torch, so a device
-installed with `fedge[inference]` predicts without PyTorch; a `.pb` export
-runs with torch (`fedge.common.inference`).
+Runtimes, chosen by the file: a `.onnx` export (`fedge export --format
+onnx|onnx-int8`) runs with ONNX Runtime where it is installed, otherwise with
+numpy (`fedge.common.onnx_numpy`; `--kernels onnxruntime|numpy` picks one),
+and never imports torch, so a device installed with `fedge[inference]`
+predicts without PyTorch; a `.pb` export runs with torch (`fedge.common.inference`).
 
 A device that personalizes keeps its personal head next to its model file
 (`<data>/personal-head.npz`, written by `fedge.client.personal`); `--personal
@@ -82,14 +83,17 @@ def _no_constant(name: str) -> Any:
 
 
 def _load_onnx(model: Path, task: str | None, kernels: str, threads: int | None) -> Any:
-    """An ONNX Runtime predictor; torch is never imported on this path."""
+    """An ONNX predictor (ONNX Runtime's or numpy's); torch is never imported on this path."""
     from fedge.common.onnx_file import OnnxFileError
-    from fedge.common.onnx_runtime import load_onnx_predictor
+    from fedge.common.onnx_runtime import RUNTIMES, load_onnx_predictor
 
-    if task is not None or kernels != "auto":
-        raise _fail("--task and --kernels are for .pb exports; an .onnx file carries its graph")
+    if task is not None:
+        raise _fail("--task is for .pb exports; an .onnx file carries its graph")
+    if kernels not in RUNTIMES:
+        raise _fail(f"--kernels for an .onnx file is one of {', '.join(RUNTIMES)}, "
+                    f"not {kernels!r}")
     try:
-        return load_onnx_predictor(model, threads=threads)
+        return load_onnx_predictor(model, threads=threads, runtime=kernels)
     except OnnxFileError as e:
         raise _fail(f"refused model file {model} ({e.reason}): {e.detail}") from None
 
@@ -100,7 +104,7 @@ def _load_torch(model: Path, task: str | None, kernels: str, threads: int | None
 
     if importlib.util.find_spec("torch") is None:
         raise _fail(f"{model}: a .pb export needs PyTorch, which this device does not have; "
-                    "fetch the model as onnx or onnx-int8 (.onnx) to run it with ONNX Runtime")
+                    "fetch the model as onnx or onnx-int8 (.onnx) to run it without torch")
     from fedge.common.export import ModelFileError
     from fedge.common.inference import KERNELS, load_predictor
 
@@ -118,7 +122,7 @@ def _load_torch(model: Path, task: str | None, kernels: str, threads: int | None
 
 def predict_command(
     model: Path = typer.Option(..., "--model", help="Export file (fedge export): .pb runs "
-                               "with torch, .onnx with ONNX Runtime (no torch)."),
+                               "with torch, .onnx with ONNX Runtime or numpy (no torch)."),
     inputs: list[Path] = typer.Argument(..., help=".npy or .json files: one example or a batch."),
     task: str | None = typer.Option(
         None,
@@ -129,7 +133,8 @@ def predict_command(
     kernels: str = typer.Option(
         "auto",
         "--kernels",
-        help="auto | int8 | float: int8 Linear kernels for int8 files (auto: when torch has them).",
+        help="auto | int8 | float: int8 Linear kernels for int8 .pb files (auto: when torch "
+        "has them); for .onnx files auto | onnxruntime | numpy (auto: ONNX Runtime if installed).",
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Examples per model call."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (torch's "

@@ -1,7 +1,9 @@
 """CPU inference from an ONNX export with ONNX Runtime: the device path that needs no torch.
 
-A device that only predicts installs `fedge[inference]` (ONNX Runtime's CPU
-package, numpy, protobuf; no torch, no Flower) and runs `.onnx` files that
+A device that only predicts installs `fedge[inference-onnxruntime]` (ONNX
+Runtime's CPU package, numpy, protobuf; no torch, no Flower), or
+`fedge[inference]` without ONNX Runtime, where `load_onnx_predictor` runs
+the file with numpy (`onnx_numpy.py`), and runs `.onnx` files that
 `fedge export --format onnx|onnx-int8` or the HTTP API wrote. This module
 imports neither torch nor the `onnx` package: the file is checked with its
 seal (`onnx_file.check_seal`, standard library only) before ONNX Runtime
@@ -75,7 +77,11 @@ def read_onnx(
 
 
 class OnnxPredictor(FileFacts):
-    """An ONNX Runtime session on one CPU, ready to predict."""
+    """An ONNX Runtime session on one CPU, ready to predict.
+
+    `kernels` names what runs the graph (`onnxruntime`, or `numpy` for
+    `onnx_numpy.NumpyOnnxPredictor`), so a report says what computed its answers.
+    """
 
     kernels = "onnxruntime"
 
@@ -84,16 +90,16 @@ class OnnxPredictor(FileFacts):
         self.info = info
         self.input_name = session.get_inputs()[0].name
 
+    def run_batch(self, xs: np.ndarray) -> np.ndarray:
+        """The graph's output for one batch of prepared inputs."""
+        return np.asarray(self.session.run(None, {self.input_name: xs})[0])
 
     def logits(self, x: Any, *, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
         """Raw model outputs for validated inputs, `batch_size` examples per run."""
         xs = self.prepare(x)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-        outs = [
-            self.session.run(None, {self.input_name: xs[i : i + batch_size]})[0]
-            for i in range(0, len(xs), batch_size)
-        ]
+        outs = [self.run_batch(xs[i : i + batch_size]) for i in range(0, len(xs), batch_size)]
         if not outs:
             return np.zeros((0, max(1, len(self.labels))), np.float32)
         return np.concatenate(outs).astype(np.float32, copy=False)
@@ -106,22 +112,36 @@ class OnnxPredictor(FileFacts):
         return top1(logits)
 
 
+RUNTIMES = ("auto", "onnxruntime", "numpy")
+"""Who runs an ONNX export: ONNX Runtime when installed (auto), or numpy (onnx_numpy.py)."""
+
+
 def load_onnx_predictor(
     source: bytes | bytearray | memoryview | str | os.PathLike[str],
     *,
     threads: int | None = None,
     max_bytes: int = DEFAULT_MAX_ONNX_BYTES,
+    runtime: str = "auto",
 ) -> OnnxPredictor:
     """An `OnnxPredictor` for a sealed ONNX export; every problem is an `OnnxFileError`.
 
     `threads`: ONNX Runtime's intra-op threads (default: its own choice).
+    `runtime`: `auto` takes ONNX Runtime where it is installed and numpy's runner
+    (fedge's exports only) where it is not, so a small device needs no ONNX Runtime.
     """
+    if runtime not in RUNTIMES:
+        raise OnnxFileError("bad_runtime", f"{runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if runtime == "numpy" or (runtime == "auto" and not ort_available()):
+        from fedge.common.onnx_numpy import load_numpy_predictor
+
+        return load_numpy_predictor(source, max_bytes=max_bytes)
     data = read_onnx(source, max_bytes=max_bytes)
     try:
         import onnxruntime as ort
     except ImportError:
         raise OnnxFileError(
-            "no_runtime", "ONNX Runtime is not installed: pip install 'fedge[inference]'"
+            "no_runtime", "ONNX Runtime is not installed: pip install onnxruntime, or run "
+            "the file with numpy (--runtime numpy)"
         ) from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -138,7 +158,7 @@ def load_onnx_predictor(
     except Exception as e:  # ORT raises its own exception types for bad graphs
         raise OnnxFileError("malformed", f"ONNX Runtime cannot load it: {e}") from None
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    info = _info(meta, data)
+    info = onnx_info(meta, data)
     inputs = session.get_inputs()
     if len(inputs) != 1 or list(inputs[0].shape[1:]) != list(info.input_shape):
         raise OnnxFileError(
@@ -148,7 +168,8 @@ def load_onnx_predictor(
     return OnnxPredictor(session, info)
 
 
-def _info(meta: dict[str, str], data: bytes) -> OnnxInfo:
+def onnx_info(meta: dict[str, str], data: bytes) -> OnnxInfo:
+    """The checked metadata of an export (whichever runtime read it)."""
     if meta.get("file-format") != ONNX_FILE_FORMAT:
         raise OnnxFileError("unsupported", f"file format {meta.get('file-format', '')[:40]!r}")
     fmt = meta.get("format", "")

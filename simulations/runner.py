@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING, Any
 
 from fedge.server.round_metrics import RoundMetrics
 from fedge.server.run_config import RunConfigError, check_codec
 from fedge.simulations.report import RunReport, plot_report, round_record, write_report
+
+if TYPE_CHECKING:  # rich is imported when a run starts: the device CLI runs without it
+    from rich.console import Console
 
 #: what `--dataset` and `--model` select among the built-in tasks
 DATASET_TASKS = {"digits": ("digits", "mlp"), "fashion-mnist": ("fashion-mnist", "cnn")}
@@ -187,6 +187,15 @@ def simulate(
         runner = functools.partial(run_in_ray, flower_log_level=flower_log_level,
                                    ray_address=options.ray_address,
                                    gpus_per_client=options.gpus_per_client)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     console = console or Console()
     reports: list[RunReport] = []
     started = time.perf_counter()

@@ -41,6 +41,9 @@ NO_TORCH = """import sys
 for name in ("torch", "flwr", "ray"):  # as if not installed: imports raise, find_spec is None
     sys.modules[name] = None
 """
+SMALL_INSTALL = NO_TORCH.replace('"ray")', '"ray", "onnxruntime", "rich")')
+"""What `fedge[inference]` leaves out too: ONNX Runtime (numpy runs the .onnx file) and rich
+(typer-slim)."""
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -182,7 +185,7 @@ def test_enrolled_inference_only_device_fetches_onnx_with_its_certificate(
     procs: list[_Proc] = []
     state = tmp_path / "state"
     (tmp_path / "no-torch").mkdir()
-    (tmp_path / "no-torch" / "sitecustomize.py").write_text(NO_TORCH)
+    (tmp_path / "no-torch" / "sitecustomize.py").write_text(SMALL_INSTALL)
     no_torch = {"PYTHONPATH": str(tmp_path / "no-torch")}
     try:
         coord = start("coordinator", fedge_command(
@@ -251,7 +254,11 @@ def test_enrolled_inference_only_device_fetches_onnx_with_its_certificate(
         assert predicted.returncode == 0, predicted.stderr
         doc = json.loads(predicted.stdout)
         assert doc["model"]["source_version"] == current
-        assert doc["model"]["kernels"] == "onnxruntime" and len(doc["predictions"]) == 5
+        assert doc["model"]["kernels"] == "numpy" and len(doc["predictions"]) == 5
+        from fedge.common.onnx_runtime import load_onnx_predictor
+
+        ort = load_onnx_predictor(installed, runtime="onnxruntime").predict(x).classes.tolist()
+        assert [p["class"] for p in doc["predictions"]] == ort
 
         # revoked: the next poll is refused, the installed model stays
         good = installed.read_bytes()

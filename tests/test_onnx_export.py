@@ -130,18 +130,20 @@ _NO_TORCH = textwrap.dedent(
 
     # what Python does for a package that is not installed: None in sys.modules makes
     # `import torch` raise ModuleNotFoundError and importlib.util.find_spec answer None
-    for name in ("torch", "flwr", "ray"):
+    for name in {names!r}:
         sys.modules[name] = None
     """
 )
 
 
-def _run_without_torch(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """`fedge ARGV` in a child where torch, Flower and Ray cannot be imported.
+def _run_without_torch(tmp_path: Path, argv: list[str], *,
+                       absent: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """`fedge ARGV` in a child where torch, Flower, Ray (and `absent`) cannot be imported.
 
     A `sitecustomize` on PYTHONPATH marks them absent before anything else runs.
     """
-    (tmp_path / "sitecustomize.py").write_text(_NO_TORCH)
+    names = ("torch", "flwr", "ray", *absent)
+    (tmp_path / "sitecustomize.py").write_text(_NO_TORCH.format(names=names))
     code = (
         "import sys\n"
         "from fedge.cli import app\n"
