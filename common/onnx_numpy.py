@@ -160,7 +160,7 @@ def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pad: int) -> np.nd
 
 def _maxpool(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
     kh, kw = kernel
-    sh, sw = strides or kernel
+    sh, sw = strides or (1, 1)  # ONNX's default stride is 1 along each axis
     if (sh, sw) == (kh, kw):  # the exports' 2 x 2, stride 2: a reshape
         n, c, h, w = x.shape
         h2, w2 = h // kh, w // kw

@@ -113,3 +113,43 @@ def test_fedge_predict_without_onnx_runtime_uses_numpy(tmp_path: Path,
     assert doc["model"]["kernels"] == "numpy"
     want = load_onnx_predictor(cnn["onnx-int8"], runtime="onnxruntime").predict(x).classes
     assert [p["class"] for p in doc["predictions"]] == want.tolist()
+
+
+def _ort_single(node, x: np.ndarray, inits: list) -> np.ndarray:
+    """One ONNX node run by ONNX Runtime (the reference for the numpy kernels)."""
+    import onnxruntime
+    from onnx import TensorProto
+
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, list(x.shape))], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("kernel,strides", [((2, 2), (2, 2)), ((3, 3), None), ((2, 2), (1, 2))])
+def test_maxpool_kernel_matches_onnx_runtime(kernel, strides) -> None:
+    from fedge.common.onnx_numpy import _maxpool
+
+    x = np.random.default_rng(0).random((2, 3, 7, 6), dtype=np.float32)
+    attrs = {"kernel_shape": list(kernel), **({"strides": list(strides)} if strides else {})}
+    want = _ort_single(helper.make_node("MaxPool", ["x"], ["y"], **attrs), x, [])
+    np.testing.assert_array_equal(_maxpool(x, kernel, strides or ()), want)
+
+
+@pytest.mark.parametrize("k,pad", [(3, 0), (3, 1), (5, 2), (1, 0)])
+def test_conv_kernel_matches_onnx_runtime(k: int, pad: int) -> None:
+    from onnx import numpy_helper
+
+    from fedge.common.onnx_numpy import _conv
+
+    rng = np.random.default_rng(k + pad)
+    x = rng.standard_normal((2, 3, 9, 8), dtype=np.float32)
+    w = rng.standard_normal((4, 3, k, k), dtype=np.float32)
+    b = rng.standard_normal(4, dtype=np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[k, k],
+                            pads=[pad] * 4)
+    want = _ort_single(node, x, [numpy_helper.from_array(w, "w"),
+                                 numpy_helper.from_array(b, "b")])
+    np.testing.assert_allclose(_conv(x, w, b, pad), want, rtol=1e-4, atol=1e-4)
