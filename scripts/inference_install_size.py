@@ -82,7 +82,12 @@ def install(extra: str, target: Path, *, compile_: bool) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="also write the JSON object here")
+    ap.add_argument("--requirements", metavar="EXTRA", choices=EXTRAS,
+                    help="only print the extra's requirements, one a line (scripts/pi-emulate)")
     args = ap.parse_args()
+    if args.requirements:
+        print("\n".join(requirements(args.requirements)))
+        return
     result: dict[str, object] = {"platform": "aarch64 (manylinux wheels, cp311)"}
     for extra in EXTRAS:
         for compiled in (True, False):

@@ -82,6 +82,21 @@ def compare(x86: str, arm64: str) -> None:
     )
 
 
+def _inference_only(d: Path) -> dict[str, Any]:
+    """The inference-only device's part, when pi-emulate made it (numpy ran the ONNX file)."""
+    if not (d / "inference-only.json").is_file():
+        return {}
+    onnx = json.loads((d / "compare-onnx.json").read_text())
+    vs_torch = json.loads((d / "compare-onnx-torch.json").read_text())
+    return {"inference_only": {
+        **json.loads((d / "inference-only.json").read_text()),
+        "predictions_match_x86": onnx["match"],
+        "predictions": onnx,
+        "agreement_with_torch_int8": round(vs_torch["same_labels"] / max(1, vs_torch["examples"]),
+                                           4),
+    }}
+
+
 def section(report_dir: str) -> None:
     """The bench's `arm64` object from the files pi-emulate left in `report_dir`."""
     d = Path(report_dir)
@@ -107,6 +122,7 @@ def section(report_dir: str) -> None:
         "predictions": {**preds, "float_kernels_match": preds_float["match"]},
         "installed_mb": info["installed_mb"],
         "install": info,
+        **_inference_only(d),
         "store": store,
         "emulation": "qemu-user-static (aarch64) on x86-64: times are emulated, "
         "many times slower than a Raspberry Pi",
