@@ -56,3 +56,37 @@ def test_arm64_size_script_installs_what_the_extras_name() -> None:
         assert sorted(_name(r) for r in script.requirements(extra)) == sorted(
             _extra_requirements(extra))
     assert "onnxruntime" not in {_name(r) for r in script.requirements("inference")}
+
+
+def test_the_emulated_runs_inference_size_is_the_one_reported(tmp_path: Path) -> None:
+    """pi-emulate's files for the inference-only venv become the `arm64` object's part, and
+    `fedge bench edge --arm64` reports that size (with its check), this machine's beside it."""
+    import importlib.util
+    import json
+
+    from fedge.bench.edge_bench import on_arm64
+
+    spec = importlib.util.spec_from_file_location(
+        "pi_emulate_check", Path(__file__).resolve().parent.parent / "scripts" /
+        "pi_emulate_check.py")
+    assert spec and spec.loader
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check._inference_only(tmp_path) == {}  # no inference-only run: nothing claimed
+    (tmp_path / "inference-only.json").write_text(json.dumps(
+        {"installed_mb": 98.5, "torch_flower_or_onnxruntime_installed": 0}))
+    same = {"examples": 4, "same_labels": 4, "match": True}
+    (tmp_path / "compare-onnx.json").write_text(json.dumps(same))
+    (tmp_path / "compare-onnx-torch.json").write_text(json.dumps({**same, "same_labels": 3,
+                                                                  "match": False}))
+    arm64 = check._inference_only(tmp_path)
+    part = arm64["inference_only"]
+    assert part["predictions_match_x86"] and part["agreement_with_torch_int8"] == 0.75
+    onnx = {"inference_only_installed_mb": 113.0, "checks": {"inference_only_installed_mb": False}}
+    on_arm64(onnx, arm64)
+    assert onnx["inference_only_installed_mb"] == 98.5
+    assert onnx["inference_only_installed_mb_here"] == 113.0
+    assert onnx["checks"]["inference_only_installed_mb"] is True
+    part["installed_mb"] = 100.1
+    on_arm64(onnx, arm64)
+    assert onnx["checks"]["inference_only_installed_mb"] is False
