@@ -5,14 +5,15 @@ The device does not train. It polls the coordinator's HTTP API,
 file it holds (the API's ETag), so an unchanged model costs one small 304.
 A new file is verified completely before it is installed (a `.pb` export by
 `fedge.common.export.parse_model_file`: size cap, hashes, metadata, every
-tensor; an `.onnx` export by its seal and by ONNX Runtime loading it) and must
+tensor; an `.onnx` export by its seal and by its runtime loading it) and must
 be the version the coordinator named (`X-Fedge-Version` = the file's
 `source-version`); then it replaces `<data>/model.<F>.pb` (or `.onnx`)
 atomically (temporary file, fsync, rename, fsync of the folder). A refused
 download (a flipped byte, a truncated body, another version) is logged and
 dropped: the previous good model stays, and the next poll tries again.
 `fedge predict --model <data>/model.<F>.onnx INPUT...` serves from that file;
-with the ONNX formats the device needs no torch at all (`fedge[inference]`).
+with the ONNX formats the device needs no torch at all (`fedge[inference]`:
+numpy runs the file; ONNX Runtime does where it is installed).
 A `.pb` model is served with the device's personal head
 (`<data>/personal-head.npz`, common/personal.py) in place of the global one
 when the device keeps one.
@@ -72,8 +73,9 @@ def verify_model(
     """(format, source version) of a model file meant to be `fmt`, verified completely.
 
     Raises ModelFileError. ONNX files are checked by their seal, then loaded by
-    ONNX Runtime (a graph it cannot run is refused here, not at the first
-    prediction).
+    the runtime `fedge predict` will use (ONNX Runtime, or numpy where it is not
+    installed), so a graph it cannot run is refused here, not at the first
+    prediction.
     """
     if fmt in ONNX_FORMATS:
         try:
