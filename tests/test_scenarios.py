@@ -59,7 +59,8 @@ def test_scenarios_are_the_issues() -> None:
     tuned = fm.run_config(runs["fedge-tuned"])
     stock = fm.run_config(runs["stock-flower-best"])
     assert runs["stock-flower-best"].stock and tuned["personalize"] == "head"
-    assert {k: v for k, v in tuned.items() if k != "personalize"} == stock
+    # the personal head stays on the device: the only keys stock Flower does not get
+    assert {k: v for k, v in tuned.items() if not k.startswith("personal")} == stock
     assert tuned["strategy"] == "fedavgm" and tuned["local-epochs"] > 1
     compressed = fm.run_config(runs["fedge-tuned+int4+downlink-int8"])
     assert (compressed["codec"], compressed["downlink-codec"]) == ("int4", "int8")
