@@ -294,12 +294,16 @@ class EdgeDevice:
 
     async def _serve(self) -> int:
         lost_in_a_row = 0
-        while True:
+        # `stop()` cancels this task, and the loops also check `_stopping`: in Python 3.11
+        # `asyncio.wait_for` returns a result that arrived together with the cancellation
+        # instead of raising it, so a cancel can be lost (seen in CI: a stopped device that
+        # kept pulling its task)
+        while not self._stopping:
             try:
                 if self.session is None:
                     await self._join(None)
                 await self._drain_outbox()
-                while True:
+                while not self._stopping:
                     task = await self._wired.link.pull_task(
                         self._live_session(), self.poll_wait_s
                     )
@@ -343,6 +347,8 @@ class EdgeDevice:
                 delay = self.backoff.next_delay()
                 log.exception("unexpected error; retrying in %.1f s", delay)
                 await asyncio.sleep(delay)
+        log.info("stopped")
+        return EXIT_OK
 
     async def _join(self, stale_token: str | None) -> None:
         """Join (or re-join after `stale_token` was refused), once even if asked twice."""
