@@ -294,10 +294,9 @@ class EdgeDevice:
 
     async def _serve(self) -> int:
         lost_in_a_row = 0
-        # `stop()` cancels this task, and the loops also check `_stopping`: in Python 3.11
-        # `asyncio.wait_for` returns a result that arrived together with the cancellation
-        # instead of raising it, so a cancel can be lost (seen in CI: a stopped device that
-        # kept pulling its task)
+        # `stop()` cancels this task, and the loops also check `_stopping`, so a cancel lost
+        # on the way still stops the device (CI saw Python 3.11's `asyncio.wait_for` swallow
+        # one: a stopped device kept pulling; the device's waits now use `asyncio.timeout`)
         while not self._stopping:
             try:
                 if self.session is None:

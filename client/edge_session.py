@@ -309,7 +309,10 @@ class CoordinatorLink:
 
     async def _read(self, call: grpc.aio.UnaryStreamCall, timeout: float):
         try:
-            return await asyncio.wait_for(call.read(), timeout)
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a cancel
+            # that arrives with the result, and a device's stop is a cancel
+            async with asyncio.timeout(timeout):
+                return await call.read()
         except TimeoutError:
             call.cancel()
             raise LinkDown(f"task stream stalled for {timeout:.0f} s") from None

@@ -212,7 +212,8 @@ class Uploader:
                 with contextlib.suppress(asyncio.InvalidStateError):
                     await call.done_writing()
             try:
-                return await asyncio.wait_for(call, self.reply_timeout_s)
+                async with asyncio.timeout(self.reply_timeout_s):
+                    return await call
             except TimeoutError:
                 raise LinkDown(f"no answer to the upload of {entry.task_id}") from None
         finally:
@@ -234,7 +235,8 @@ class Uploader:
         if call.done():
             return False
         try:
-            await asyncio.wait_for(call.write(msg), self.stall_timeout_s)
+            async with asyncio.timeout(self.stall_timeout_s):
+                await call.write(msg)
         except TimeoutError:
             call.cancel()
             raise LinkDown(f"upload stalled for {self.stall_timeout_s:.0f} s") from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from fedge.bench.onnx_bench import inference_install, onnx_measurements
 
@@ -39,19 +41,22 @@ def test_tiny_onnx_measurement(tmp_path: Path) -> None:
                                      "inference_only_installed_mb"}
 
 
+def _script(name: str) -> ModuleType:
+    """A module of scripts/ (not a package), loaded from its file."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_arm64_size_script_installs_what_the_extras_name() -> None:
     """scripts/inference_install_size.py reads the extras from pyproject.toml: the same
     packages as the installed metadata the bench walks (nothing to download here)."""
-    import importlib.util
-
     from fedge.bench.onnx_bench import _extra_requirements, _name
 
-    spec = importlib.util.spec_from_file_location(
-        "inference_install_size",
-        Path(__file__).resolve().parent.parent / "scripts" / "inference_install_size.py")
-    assert spec and spec.loader
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("inference_install_size")
     for extra in script.EXTRAS:
         assert sorted(_name(r) for r in script.requirements(extra)) == sorted(
             _extra_requirements(extra))
@@ -61,17 +66,11 @@ def test_arm64_size_script_installs_what_the_extras_name() -> None:
 def test_the_emulated_runs_inference_size_is_the_one_reported(tmp_path: Path) -> None:
     """pi-emulate's files for the inference-only venv become the `arm64` object's part, and
     `fedge bench edge --arm64` reports that size (with its check), this machine's beside it."""
-    import importlib.util
     import json
 
     from fedge.bench.edge_bench import on_arm64
 
-    spec = importlib.util.spec_from_file_location(
-        "pi_emulate_check", Path(__file__).resolve().parent.parent / "scripts" /
-        "pi_emulate_check.py")
-    assert spec and spec.loader
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    check = _script("pi_emulate_check")
     assert check._inference_only(tmp_path) == {}  # no inference-only run: nothing claimed
     (tmp_path / "inference-only.json").write_text(json.dumps(
         {"installed_mb": 98.5, "torch_flower_or_onnxruntime_installed": 0}))
