@@ -18,6 +18,12 @@ The identity lives in `<data>/identity/` (mode 0700):
 
 `DeviceCredentials` is what the edge runtime loads to dial the device port with
 mutual TLS and to sign results (`fedge.common.signing.sign_result`).
+
+Two ways to the coordinator, the same `EnrollRequest` and `EnrollReply`:
+its gRPC enrollment port (`HOST:PORT`), or its HTTP API
+(`https://HOST:PORT`, `POST /v1/enroll`, server/http_enroll.py) with the
+standard library only, so a device that only predicts installs no grpcio.
+gRPC is imported only when a gRPC call is made.
 """
 
 from __future__ import annotations
@@ -25,19 +31,35 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.protobuf.message import DecodeError
 
 from fedge.common.atomic_file import atomic_write
-from fedge.v1 import enrollment_pb2, enrollment_pb2_grpc
+from fedge.common.contract import ENROLL_HTTP_PATH, PROTOBUF_MEDIA_TYPE
+from fedge.v1 import enrollment_pb2
 
+if TYPE_CHECKING:
+    import grpc
+
+HTTPS_PREFIX = "https://"
+MAX_REPLY_BYTES = 64 * 1024
+GRPC_CODE_BY_HTTP_STATUS = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+    404: "UNIMPLEMENTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
+}
+"""The HTTP API's enrollment refusals as the gRPC codes `fedge enroll` maps to exit codes."""
 IDENTITY_DIR = "identity"
 KEY_FILE = "device.key"
 CERT_FILE = "device.pem"
@@ -96,6 +118,8 @@ class DeviceCredentials:
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """Mutual-TLS credentials: trust the coordinator's CA, present the device certificate."""
+        import grpc
+
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca_path.read_bytes(),
             private_key=self.key_path.read_bytes(),
@@ -113,13 +137,17 @@ def enroll(
     timeout_s: float = 30.0,
     force: bool = False,
 ) -> DeviceCredentials:
-    """Enroll this device with the coordinator's enrollment port `coordinator` (HOST:PORT).
+    """Enroll this device with the coordinator: its gRPC enrollment port (`HOST:PORT`) or
+    its HTTP API (`https://HOST:PORT`).
 
     Reuses a key left by an earlier failed attempt; refuses to replace an
     existing enrollment unless `force` (which also makes a new key).
     Raises `EnrollError` (its message never contains the token).
     """
-    host, _port = split_host_port(coordinator)
+    if coordinator.startswith("http://"):
+        raise EnrollError("bad_target", "enrollment sends a token: use https://HOST:PORT (the "
+                          "HTTP API with --http-auth) or the gRPC enrollment HOST:PORT")
+    host, _port = split_host_port(coordinator.removeprefix(HTTPS_PREFIX).rstrip("/"))
     folder = identity_folder(data_dir)
     if (folder / META_FILE).exists():
         if not force:
@@ -133,7 +161,10 @@ def enroll(
             (folder / stale).unlink(missing_ok=True)
     key = ensure_private_key(folder / KEY_FILE)
     request = enrollment_pb2.EnrollRequest(token=token, csr_pem=build_csr(key), device_name=name)
-    reply = _call_enroll(coordinator, ca_pem, request, timeout_s)
+    if coordinator.startswith(HTTPS_PREFIX):
+        reply = _post_enroll(coordinator, ca_pem, request, timeout_s)
+    else:
+        reply = _call_enroll(coordinator, ca_pem, request, timeout_s)
     cert = _check_reply(reply, key, ca_pem)
     fingerprint = cert.fingerprint(hashes.SHA256()).hex()
     write_public(folder / CERT_FILE, reply.certificate_pem)
@@ -261,6 +292,10 @@ def _target(host: str, port: int) -> str:
 def _call_enroll(
     coordinator: str, ca_pem: bytes, request: enrollment_pb2.EnrollRequest, timeout_s: float
 ) -> enrollment_pb2.EnrollReply:
+    import grpc
+
+    from fedge.v1 import enrollment_pb2_grpc
+
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
     with grpc.secure_channel(coordinator, credentials) as channel:
         stub = enrollment_pb2_grpc.EnrollmentStub(channel)
@@ -270,6 +305,49 @@ def _call_enroll(
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
             details = e.details() if hasattr(e, "details") else ""
             raise EnrollError(code.name, f"{code.name}: {details}") from None
+
+
+def _post_enroll(
+    url: str, ca_pem: bytes, request: enrollment_pb2.EnrollRequest, timeout_s: float
+) -> enrollment_pb2.EnrollReply:
+    """`POST <url>/v1/enroll` over HTTPS trusting only `ca_pem`; errors as gRPC status names."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.path.strip("/") or parsed.query:
+        raise EnrollError("bad_target", f"expected https://HOST:PORT, got {url!r}")
+    try:
+        context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    except (ssl.SSLError, ValueError, UnicodeDecodeError):
+        raise EnrollError("bad_ca", "--ca is not a PEM certificate") from None
+    http_request = urllib.request.Request(
+        f"{url.rstrip('/')}{ENROLL_HTTP_PATH}", data=request.SerializeToString(), method="POST",
+        headers={"Content-Type": PROTOBUF_MEDIA_TYPE, "Accept": PROTOBUF_MEDIA_TYPE},
+    )
+    try:
+        with urllib.request.urlopen(http_request, timeout=timeout_s, context=context) as answer:
+            body = answer.read(MAX_REPLY_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        code = GRPC_CODE_BY_HTTP_STATUS.get(e.code, "UNKNOWN")
+        raise EnrollError(code, f"{code}: HTTP {e.code}: {_detail(e)}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise EnrollError("UNAVAILABLE", f"UNAVAILABLE: {url}: {reason}") from None
+    reply = enrollment_pb2.EnrollReply()
+    try:
+        if len(body) > MAX_REPLY_BYTES:
+            raise ValueError("too large")
+        reply.ParseFromString(body)
+    except (ValueError, DecodeError):
+        raise EnrollError("bad_reply", "the coordinator's answer is not an EnrollReply") from None
+    return reply
+
+
+def _detail(error: urllib.error.HTTPError) -> str:
+    """The `detail` of the API's JSON refusal, or its reason phrase."""
+    try:
+        detail = json.loads(error.read(4096)).get("detail")
+    except (ValueError, AttributeError, OSError):
+        detail = None
+    return str(detail) if detail else str(error.reason)
 
 
 def _check_reply(

@@ -1,8 +1,9 @@
 """`fedge enroll`: make this device's key, trade a one-time token for its certificate.
 
-Only typer is imported at the top; gRPC and cryptography load when the
-command runs. The token is never printed: take it from `--token` or, to keep
-it out of shell history and `ps`, from the `FEDGE_ENROLL_TOKEN` variable.
+Only typer is imported at the top; cryptography (and gRPC, for a gRPC
+enrollment port) load when the command runs. The token is never printed:
+take it from `--token` or, to keep it out of shell history and `ps`, from
+the `FEDGE_ENROLL_TOKEN` variable.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ EXIT_BY_STATUS = {"UNAUTHENTICATED": 2, "RESOURCE_EXHAUSTED": 3, "UNAVAILABLE": 
 
 def enroll_command(
     coordinator: str = typer.Option(
-        ..., "--coordinator", help="The coordinator's enrollment HOST:PORT."
+        ...,
+        "--coordinator",
+        help="The coordinator's enrollment HOST:PORT (gRPC), or https://HOST:PORT of its HTTP "
+        "API (then the device needs no gRPC).",
     ),
     token: str = typer.Option(
         ...,
@@ -66,7 +70,7 @@ def enroll_command(
         hint = {
             "UNAUTHENTICATED": " (the token is wrong, expired or used up: ask for a new one)",
             "RESOURCE_EXHAUSTED": " (too many attempts: wait a minute and retry)",
-            "UNAVAILABLE": " (check HOST:PORT, and that --ca is this coordinator's CA)",
+            "UNAVAILABLE": " (check the address, and that --ca is this coordinator's CA)",
         }.get(e.code, "")
         print(f"error: enrollment failed: {e}{hint}", file=sys.stderr)
         raise typer.Exit(EXIT_BY_STATUS.get(e.code, 1)) from None

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedge.common.atomic_file import atomic_write
+from fedge.common.contract import PROTOBUF_MEDIA_TYPE
 from fedge.common.export import DEFAULT_MAX_MODEL_BYTES, ModelFileError, parse_model_file
 from fedge.common.onnx_file import ONNX_FORMATS, OnnxFileError
 
@@ -149,7 +150,7 @@ class InferenceDevice:
         """Ask for the current model once; install it if it changed and verifies."""
         held = self.installed()
         url = f"{self.base_url}/v1/models/current?format={self.fmt}"
-        request = urllib.request.Request(url, headers={"Accept": "application/x-protobuf"})
+        request = urllib.request.Request(url, headers={"Accept": PROTOBUF_MEDIA_TYPE})
         if held is not None:
             request.add_header("If-None-Match", f'"{held[0]}"')
         if self.token:

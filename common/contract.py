@@ -20,6 +20,13 @@ FLOWER_MESSAGE_FORMAT = "flwr.proto.Message"
 #: `payload_format` of a FetchModel header: a `fedge.v1.ModelSnapshot` (`fedge.common.snapshot`)
 MODEL_SNAPSHOT_FORMAT = "fedge.v1.ModelSnapshot"
 
+# ---------------------------------------------------------------- the HTTP API
+
+#: the HTTP API's enrollment route (server/http_enroll.py serves it, client/enroll.py posts)
+ENROLL_HTTP_PATH = "/v1/enroll"
+#: the media type of protobuf bodies on the HTTP API (model files, enrollment)
+PROTOBUF_MEDIA_TYPE = "application/x-protobuf"
+
 # ---------------------------------------------------------------- train config keys
 # Entries fedge adds to the train message's ConfigRecord ("config"), next to
 # Flower's own (`server-round`) and the task's hyperparameters.

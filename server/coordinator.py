@@ -573,13 +573,14 @@ async def _serve(
         out("TLS OFF (--insecure): traffic and session tokens travel in plaintext; "
             "no device identity (any caller can join and push results)")
     out(f"listening on {_address(options.host, port)}")
-    enrollment, enroll_port = None, 0
+    enrollment, enroll_port, enroller = None, 0, None
     if tls is not None:
         from fedge.server.enrollment_service import EnrollmentService, start_enrollment_server
 
+        enrollment_service = EnrollmentService(store, tls, device_port=port)
+        enroller = enrollment_service.enroller  # the HTTP API's POST /v1/enroll shares it
         enrollment, enroll_port = await start_enrollment_server(
-            EnrollmentService(store, tls, device_port=port), tls, host=options.host,
-            port=options.enrollment_port,
+            enrollment_service, tls, host=options.host, port=options.enrollment_port,
         )
         undo.push_async_callback(enrollment.stop, None)
         out(f"enrollment on {_address(options.host, enroll_port)}")
@@ -589,12 +590,15 @@ async def _serve(
         from fedge.server.http_auth import auth_for_state
 
         auth = auth_for_state(options.http_auth, options.state_dir, tls, store)
-        http = HttpServer(make_http_app(registry, metrics, auth=auth), host=options.http_host,
-                          port=int(options.http_port))
+        app = make_http_app(registry, metrics, auth=auth, enroller=enroller)
+        http = HttpServer(app, host=options.http_host, port=int(options.http_port))
         http_port = http.start()
         undo.push_async_callback(asyncio.to_thread, http.stop)
         auth_note = f" (auth: {options.http_auth})" if options.http_auth != "none" else ""
-        out(f"HTTP API on {http.scheme}://{_address(options.http_host, http_port)}{auth_note}")
+        http_url = f"{http.scheme}://{_address(options.http_host, http_port)}"
+        out(f"HTTP API on {http_url}{auth_note}")
+        if enroller is not None and auth.tls:
+            out(f"enrollment also on {http_url} (fedge enroll --coordinator {http_url})")
     return _Servers(server, port, enrollment, enroll_port, http, http_port,
                     tls.ca_cert if tls is not None else None)
 

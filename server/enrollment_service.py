@@ -117,8 +117,18 @@ def validate_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
     return csr
 
 
-class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
-    """grpc.aio servicer for `Enroll`; see the module docstring for the order of checks."""
+class EnrollmentRefused(Exception):
+    """An `Enroll` call refused; `code` is the gRPC status name (each transport maps it)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class Enroller:
+    """The enrollment steps, apart from any transport: the gRPC port and the HTTP API's
+    `POST /v1/enroll` share one (and so one rate limit and one token book)."""
 
     def __init__(
         self,
@@ -138,26 +148,26 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self._ca_pem = tls_paths.ca_cert.read_bytes()
         self.device_port = device_port
 
-    async def Enroll(
-        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    def enroll(
+        self, request: enrollment_pb2.EnrollRequest, source: str
     ) -> enrollment_pb2.EnrollReply:
-        source = source_of(context.peer())
+        """One enrollment from `source` (the rate-limit key); raises `EnrollmentRefused`."""
         if not self._limiter.allow(source):
             # logged at debug, not audited: a flood would flood the audit log
             log.debug("enrollment attempt over the rate limit from %s", source)
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many enrollment attempts; retry later"
+            raise EnrollmentRefused(
+                "RESOURCE_EXHAUSTED", "too many enrollment attempts; retry later"
             )
         try:
             valid = validate_enroll_request(request)
         except EnrollmentRejected as e:
             audit("enroll_refused", reason=e.reason, peer=source)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise EnrollmentRefused("INVALID_ARGUMENT", str(e)) from None
         try:
             checked = self._tokens.check(valid.token)
         except TokenRefused as e:
             audit("enroll_refused", reason=f"token_{e.reason}", token_id=e.token_id, peer=source)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSED_TOKEN)
+            raise EnrollmentRefused("UNAUTHENTICATED", _REFUSED_TOKEN) from None
         device_id = uuid.uuid4().hex
         try:
             cert_pem = sign_csr(
@@ -165,7 +175,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             )
         except TlsError as e:  # validate_csr already checked what sign_csr checks
             audit("enroll_refused", reason="bad_csr", peer=source)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"CSR refused: {e}")
+            raise EnrollmentRefused("INVALID_ARGUMENT", f"CSR refused: {e}") from None
         try:
             device = self._store.enroll_device(
                 checked.id,
@@ -178,7 +188,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             if e.reason != "token_refused":
                 raise
             audit("enroll_refused", reason="token_spent_in_race", token_id=checked.id, peer=source)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSED_TOKEN)
+            raise EnrollmentRefused("UNAUTHENTICATED", _REFUSED_TOKEN) from None
         audit(
             "enrolled",
             device_id=device.id,
@@ -196,6 +206,36 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             device_port=self.device_port,
             node_id=device.node_id,
         )
+
+
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
+    """grpc.aio servicer for `Enroll`: an `Enroller`, its refusals as gRPC status codes."""
+
+    def __init__(
+        self,
+        store: Store,
+        tls_paths: TlsPaths,
+        *,
+        device_port: int,
+        tokens: TokenBook | None = None,
+        limiter: RateLimiter | None = None,
+        cert_validity: dt.timedelta = DEVICE_CERT_VALIDITY,
+    ) -> None:
+        self.enroller = Enroller(store, tls_paths, device_port=device_port, tokens=tokens,
+                                 limiter=limiter, cert_validity=cert_validity)
+
+    @property
+    def device_port(self) -> int:
+        return self.enroller.device_port
+
+    async def Enroll(
+        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.EnrollReply:
+        try:
+            return self.enroller.enroll(request, source_of(context.peer()))
+        except EnrollmentRefused as e:
+            await context.abort(grpc.StatusCode[e.code], e.message)
+            raise  # abort raises; this line only tells the type checker
 
 
 async def start_enrollment_server(

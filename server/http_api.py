@@ -16,6 +16,8 @@ with the route's scope (`read`, or `predict` for predictions).
   with the current model. Every bad request gets a 4xx JSON body
   `{"error": code, "detail": message}`; the server keeps serving.
 - `GET /metrics`: Prometheus text from `server/metrics.py`.
+- `POST /v1/enroll`: enrollment over HTTPS, for devices without gRPC
+  (`server/http_enroll.py`); the body and the answer are protobuf.
 
 Predictions use the same loader as devices (`common/inference.py`) on an
 export of the current version (fp32 by default), rebuilt when `current`
@@ -41,10 +43,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedge.common.contract import ENROLL_HTTP_PATH, PROTOBUF_MEDIA_TYPE
 from fedge.common.export import EXPORT_FORMATS, ModelFileError, parse_model_file
 from fedge.common.inference import InputError, Predictor, load_predictor
 from fedge.common.onnx_file import ONNX_FORMATS, ONNX_SOURCE_FORMAT, OnnxFileError
+from fedge.server.enrollment_service import MAX_REQUEST_BYTES as MAX_ENROLL_BYTES
+from fedge.server.enrollment_service import Enroller
 from fedge.server.http_auth import AuthRefused, HttpAuth, Principal, check_bind, require
+from fedge.server.http_enroll import EnrollHttpError, enroll_over_http
 from fedge.server.metrics import Metrics
 from fedge.server.registry import Registry, RegistryError
 
@@ -138,6 +144,7 @@ def make_http_app(
     kernels: str = "auto",
     batch_size: int = 64,
     auth: HttpAuth | None = None,
+    enroller: Enroller | None = None,
 ) -> FastAPI:
     """The FastAPI app over a registry and a metrics object (serve it with `HttpServer`).
 
@@ -145,6 +152,8 @@ def make_http_app(
     body; `predict_format` is the export the endpoint predicts with (fp32,
     or int8 to serve exactly what int8 devices run). `auth` (default: none)
     says who may call what; `HttpServer` refuses to expose an app without it.
+    `enroller` (the coordinator's, shared with its gRPC enrollment port) turns
+    on `POST /v1/enroll`.
     """
     if predict_format not in EXPORT_FORMATS:
         raise ValueError(f"predict_format must be one of {EXPORT_FORMATS}, not {predict_format!r}")
@@ -235,7 +244,7 @@ def make_http_app(
         }
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
-        media = "application/octet-stream" if suffix == "onnx" else "application/x-protobuf"
+        media = "application/octet-stream" if suffix == "onnx" else PROTOBUF_MEDIA_TYPE
         return Response(data, media_type=media, headers=headers)
 
     def run_predict(body: bytes) -> dict[str, Any]:
@@ -282,6 +291,19 @@ def make_http_app(
             return _error(500, "model_error", f"the current model cannot be loaded: {e}")
         finally:
             metrics.observe_predict(time.perf_counter() - start, examples=examples, outcome=outcome)
+
+    @app.post(ENROLL_HTTP_PATH)
+    async def enroll(request: Request) -> Response:
+        # no guard: the one-time token in the body is the credential (the device has no
+        # certificate yet); enroll_over_http refuses plain HTTP
+        try:
+            body = await _read_capped(request, MAX_ENROLL_BYTES)
+            client_host = request.client.host if request.client is not None else ""
+            reply = await run_in_threadpool(enroll_over_http, enroller, tls=policy.tls,
+                                            body=body, client_host=client_host)
+        except (RequestError, EnrollHttpError) as e:
+            return _error(e.status, e.code, e.detail)
+        return Response(reply, media_type=PROTOBUF_MEDIA_TYPE)
 
     @app.get("/metrics")
     def scrape(request: Request) -> Response:

@@ -7,9 +7,12 @@ Two ways in, usable together (`--http-auth mtls|token|any`):
 
 - **mutual TLS**: the API serves HTTPS with the coordinator's server
   certificate and asks for a client certificate signed by its CA (the one
-  `fedge enroll` gives a device). As on the gRPC port, the handshake proves
-  the key; the store says whether that certificate still belongs to an
-  active device (looked up on every request, so a revocation is immediate).
+  `fedge enroll` gives a device). The handshake proves the key; it lets a
+  caller without a certificate through only so that a device can enroll
+  here (`POST /v1/enroll`, server/http_enroll.py), and every other route
+  but /healthz then answers 401. The store says whether a certificate still
+  belongs to an active device (looked up on every request, so a revocation
+  is immediate).
   An enrolled device gets the `read` scope: the models, what an
   inference-only device fetches.
 - **bearer tokens** (`Authorization: Bearer fdgh1.<id>.<secret>`), made with
@@ -20,9 +23,10 @@ Two ways in, usable together (`--http-auth mtls|token|any`):
   /metrics) and `predict` (POST /v1/predict). Beyond loopback, tokens need
   TLS (they would travel in plaintext otherwise).
 
-`/healthz` needs nothing (load balancers probe it). Every refusal is a JSON
-401/403 that names the missing scope or credential, never which check failed
-for an unknown token.
+`/healthz` needs nothing (load balancers probe it); `/v1/enroll` needs a
+one-time enrollment token in its body. Every refusal is a JSON 401/403 that
+names the missing scope or credential, never which check failed for an
+unknown token.
 """
 
 from __future__ import annotations
@@ -215,7 +219,9 @@ class HttpAuth:
         """uvicorn's ssl_* settings: HTTPS, and client certificates per mode."""
         if self.tls_cert is None:
             return {}
-        reqs = {"mtls": ssl.CERT_REQUIRED, "any": ssl.CERT_OPTIONAL}.get(self.mode, ssl.CERT_NONE)
+        # optional at the handshake even under mtls: a device enrolls (POST /v1/enroll) before
+        # it has a certificate; `authenticate` refuses every other route without one
+        reqs = ssl.CERT_OPTIONAL if self.mode in ("mtls", "any") else ssl.CERT_NONE
         options: dict[str, Any] = {
             "ssl_certfile": str(self.tls_cert),
             "ssl_keyfile": str(self.tls_key),

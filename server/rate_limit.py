@@ -82,16 +82,20 @@ def source_of(peer: str) -> str:
     kept as given.
     """
     kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    if kind == "ipv6":
-        host = rest.rsplit(":", 1)[0].strip("[]")
-        host = host.split("%", 1)[0]
-        try:
-            addr = ipaddress.IPv6Address(host)
-        except ValueError:
-            return host
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    if kind in ("ipv4", "ipv6"):
+        return source_of_address(rest.rsplit(":", 1)[0])
     return peer
+
+
+def source_of_address(host: str) -> str:
+    """The rate-limit key of a bare address (an HTTP client's): IPv6 narrowed to the /64."""
+    host = host.strip("[]").split("%", 1)[0]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv4Address):
+        return str(addr)
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((addr, 64), strict=False))

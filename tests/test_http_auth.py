@@ -23,9 +23,10 @@ from test_registry import State, make_state
 from typer.testing import CliRunner
 
 from fedge.cli import app as fedge_app
-from fedge.client.enroll import DeviceCredentials, enroll
+from fedge.client.enroll import DeviceCredentials, EnrollError, enroll
 from fedge.client.inference_device import InferenceDevice, device_ssl_context, model_path
 from fedge.common.onnx_runtime import load_onnx_predictor
+from fedge.server.enrollment_service import Enroller
 from fedge.server.http_api import HttpServer, make_http_app
 from fedge.server.http_auth import (
     TOKENS_FILE,
@@ -37,8 +38,10 @@ from fedge.server.http_auth import (
     is_loopback,
 )
 from fedge.server.metrics import Metrics
+from fedge.server.rate_limit import RateLimiter
 from fedge.server.store import DeviceStatus
 from fedge.server.tls import sign_csr
+from fedge.v1.enrollment_pb2 import EnrollRequest
 
 # -- binding beyond loopback ---------------------------------------------------------------
 
@@ -153,10 +156,10 @@ async def _enroll(h: EnrollmentHarness, data: Path) -> DeviceCredentials:
 class Api:
     """An HTTP API with `auth` on 127.0.0.1; `client(...)` opens httpx clients to it."""
 
-    def __init__(self, state: State, auth: HttpAuth) -> None:
+    def __init__(self, state: State, auth: HttpAuth, enroller: Enroller | None = None) -> None:
         self.ca = str(auth.client_ca or "")
         self.server = HttpServer(make_http_app(state.registry, Metrics(), predict_cap=8,
-                                               auth=auth))
+                                               auth=auth, enroller=enroller))
         self.port = self.server.start()
         self.url = f"{self.server.scheme}://127.0.0.1:{self.port}"
 
@@ -176,8 +179,9 @@ def api_factory(harness: tuple[EnrollmentHarness, State]) -> Iterator:
     started: list[Api] = []
     h, state = harness
 
-    def make(mode: str) -> Api:
-        api = Api(state, auth_for_state(mode, h.state, h.paths, h.store))
+    def make(mode: str, enroller: Enroller | None = None) -> Api:
+        api = Api(state, auth_for_state(mode, h.state, h.paths, h.store),
+                  enroller or h.service.enroller)
         started.append(api)
         return api
 
@@ -258,9 +262,13 @@ async def test_device_certificates_each_refusal(harness, api_factory, tmp_path: 
             assert device.get("/v1/models").status_code == 200
             r = device.post("/v1/predict", json=_predict_body())
             assert r.status_code == 403  # enrolled devices read; predictions need a token
-        # no certificate: the TLS handshake itself fails
-        with api.client() as anonymous, pytest.raises(httpx.HTTPError):
-            anonymous.get("/v1/models")
+        # no certificate: the handshake lets it through (a device enrolls without one), every
+        # route but /healthz and /v1/enroll refuses it
+        with api.client() as anonymous:
+            assert anonymous.get("/healthz").status_code == 200
+            for path in ("/v1/models", "/v1/models/current", "/metrics"):
+                r = anonymous.get(path)
+                assert r.status_code == 401 and r.json()["error"] == "unauthenticated", path
         # our CA's signature but no enrolled device holds the certificate
         key = p256_key()
         stray_dir = tmp_path / "stray"
@@ -326,3 +334,84 @@ def test_http_token_cli(tmp_path: Path) -> None:
     revoked = runner.invoke(fedge_app, ["coordinator", "http-token", "revoke", rows[0]["id"],
                                         "--state", str(state)])
     assert revoked.exit_code == 0 and TokenFile(state / TOKENS_FILE).check(token) is None
+
+
+# -- enrollment over HTTPS -----------------------------------------------------------------
+
+
+async def test_enrollment_over_https_each_refusal(harness, api_factory, tmp_path: Path) -> None:
+    """`fedge enroll --coordinator https://...`: the HTTP API enrolls with the gRPC port's own
+    checks; the device then fetches with its new certificate. Every refusal spends nothing."""
+    h, _ = harness
+    api = api_factory("mtls")
+    ca = h.paths.ca_cert.read_bytes()
+    issued = h.tokens.create(ttl_s=600, uses=1, label="https")
+    devices_before = len(h.store.list_devices())
+
+    def calls() -> None:
+        creds = enroll(api.url, issued.token, ca, data_dir=tmp_path / "dev", name="over-https")
+        assert creds.device_port == h.service.device_port and creds.coordinator_host == "127.0.0.1"
+        assert len(h.store.list_devices()) == devices_before + 1
+        device = InferenceDevice(api.url, tmp_path / "dev", fmt="onnx",
+                                 ssl_context=device_ssl_context(tmp_path / "dev"))
+        assert device.check_once().outcome == "installed"
+        # the token had one use: spent, refused alike to a wrong one; no device, no spent use
+        for token in (issued.token, issued.token[:-2] + "xx"):
+            with pytest.raises(EnrollError) as e:
+                enroll(api.url, token, ca, data_dir=tmp_path / f"again-{token[-2:]}")
+            assert e.value.code == "UNAUTHENTICATED" and "HTTP 401" in str(e.value)
+            assert token not in str(e.value)
+        with api.client() as anonymous:
+            r = anonymous.post("/v1/enroll", content=b"\xff\xff not protobuf",
+                               headers={"Content-Type": "application/x-protobuf"})
+            assert r.status_code == 400 and r.json()["error"] == "bad_request"
+            r = anonymous.post("/v1/enroll", content=b"x" * (64 * 1024 + 1))
+            assert r.status_code == 413
+        # a CA that is not the coordinator's: the device refuses the server before sending
+        other = tmp_path / "other-ca"
+        from fedge.server.tls import ensure_server_tls
+
+        fresh = h.tokens.create(ttl_s=600, label="https-other")
+        with pytest.raises(EnrollError) as e:
+            enroll(api.url, fresh.token, ensure_server_tls(other).ca_cert.read_bytes(),
+                   data_dir=tmp_path / "wrong-ca")
+        assert e.value.code == "UNAVAILABLE"
+        # a token never travels over plain http
+        with pytest.raises(EnrollError, match="https://"):
+            enroll(api.url.replace("https", "http"), fresh.token, ca, data_dir=tmp_path / "p")
+        assert len(h.store.list_devices()) == devices_before + 1
+        assert h.token_uses()[fresh.id] == 0
+
+    await asyncio.to_thread(calls)
+
+
+async def test_enrollment_over_http_is_refused_and_limited(harness, api_factory,
+                                                           tmp_path: Path) -> None:
+    h, state = harness
+    issued = h.tokens.create(ttl_s=600, label="plain")
+    request = EnrollRequest(token=issued.token, csr_pem=csr_pem(p256_key()))
+    plain = api_factory("none")  # no TLS: the token would travel in plaintext
+    limited = api_factory("token", Enroller(h.store, h.paths, device_port=1, tokens=h.tokens,
+                                            limiter=RateLimiter(per_source=1, total=10)))
+
+    def calls() -> None:
+        with plain.client() as client:
+            r = client.post("/v1/enroll", content=request.SerializeToString())
+            assert r.status_code == 403 and r.json()["error"] == "needs_https"
+            assert "--http-auth" in r.json()["detail"]
+        with limited.client() as client:
+            bad = EnrollRequest(token=issued.token, csr_pem=b"not a csr")
+            r = client.post("/v1/enroll", content=bad.SerializeToString())
+            assert r.status_code == 400 and r.json()["error"] == "invalid_argument"
+            r = client.post("/v1/enroll", content=request.SerializeToString())
+            assert r.status_code == 429 and r.json()["error"] == "resource_exhausted"
+        assert h.token_uses()[issued.id] == 0  # nothing was spent
+
+    await asyncio.to_thread(calls)
+    bare = HttpServer(make_http_app(state.registry, Metrics()))
+    bare.start()
+    try:
+        r = httpx.post(f"http://127.0.0.1:{bare.port}/v1/enroll", timeout=10)
+        assert r.status_code == 404 and r.json()["error"] == "no_enrollment"
+    finally:
+        bare.stop()

@@ -6,9 +6,10 @@ rollback, and `fedge predict` serves from that file. A download with one
 byte flipped is refused and the previous good model stays installed.
 
 With TLS and `--http-auth mtls`, an inference-only device enrolls like any
-other (`fedge enroll`), fetches the ONNX int8 model with its certificate and
-predicts with ONNX Runtime in processes where torch and Flower cannot be
-imported; revoked, it is refused on its next poll.
+other (`fedge enroll`, over the HTTP API), fetches the ONNX int8 model with
+its certificate and predicts with numpy in processes where torch, Flower,
+ONNX Runtime, rich and gRPC cannot be imported; revoked, it is refused on its
+next poll.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ NO_TORCH = """import sys
 for name in ("torch", "flwr", "ray"):  # as if not installed: imports raise, find_spec is None
     sys.modules[name] = None
 """
-SMALL_INSTALL = NO_TORCH.replace('"ray")', '"ray", "onnxruntime", "rich")')
-"""What `fedge[inference]` leaves out too: ONNX Runtime (numpy runs the .onnx file) and rich
-(typer-slim)."""
+SMALL_INSTALL = NO_TORCH.replace('"ray")', '"ray", "onnxruntime", "rich", "grpc")')
+"""What `fedge[inference]` leaves out too: ONNX Runtime (numpy runs the .onnx file), rich
+(typer-slim) and gRPC (it enrolls over HTTPS)."""
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -208,7 +209,8 @@ def test_enrolled_inference_only_device_fetches_onnx_with_its_certificate(
                 "--num-partitions", "2", "--max-backoff", "1",
             ), echo=False, log_path=tmp_path / f"dev{i}.log"))
 
-        # the viewer enrolls with `fedge enroll`, the token in the environment
+        # the viewer enrolls with `fedge enroll` over the HTTP API (no gRPC), the token in the
+        # environment
         from fedge.server.store import Store
         from fedge.server.tokens import TokenBook
 
@@ -216,7 +218,7 @@ def test_enrolled_inference_only_device_fetches_onnx_with_its_certificate(
             token = TokenBook(store).create(ttl_s=300, label="viewer").token
         viewer_data = tmp_path / "viewer"
         enrolled = subprocess.run(
-            fedge_command("enroll", "--coordinator", enroll_target, "--ca", ca,
+            fedge_command("enroll", "--coordinator", api, "--ca", ca,
                           "--data", str(viewer_data), "--name", "viewer"),
             capture_output=True, text=True, timeout=120,
             env=child_env({"FEDGE_ENROLL_TOKEN": token, **no_torch}),
@@ -226,8 +228,8 @@ def test_enrolled_inference_only_device_fetches_onnx_with_its_certificate(
             "device_id"]
         wait_for_line(coord, re.compile(r"^serving on"), 150)
         trust = ssl.create_default_context(cafile=ca)  # no client certificate
-        with pytest.raises(httpx.HTTPError):  # mtls: no handshake without a certificate
-            httpx.get(f"{api}/healthz", verify=trust, timeout=10)
+        anonymous = httpx.get(f"{api}/v1/models", verify=trust, timeout=10)
+        assert anonymous.status_code == 401, anonymous.text  # mtls: models need a certificate
         identity = viewer_data / "identity"
         trust.load_cert_chain(identity / "device.pem", identity / "device.key")
         current = httpx.get(f"{api}/healthz", verify=trust, timeout=10).json()["current"]
