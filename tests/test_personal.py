@@ -84,11 +84,13 @@ def test_the_coordinator_never_receives_the_personal_head(tmp_path, codec: str) 
                         assert not np.allclose(array.numpy(), head[name])
 
 
-def test_personal_mod_leaves_the_reply_untouched() -> None:
+def test_personal_mod_leaves_the_reply_untouched(tmp_path) -> None:
     """With and without the mod, a device's reply holds the same bytes of arrays."""
     config = {**CONFIG, "num-rounds": 1}
+    nodes = [{PERSONAL_PATH_KEY: str(tmp_path / f"dev{i}" / PERSONAL_FILE)} for i in range(3)]
     plain = RecordingGrid(make_client_app(), 3, run_config={**config, "personalize": "none"})
-    mine = RecordingGrid(make_client_app(mods=[personal_mod]), 3, run_config=config)
+    mine = RecordingGrid(make_client_app(mods=[personal_mod]), 3, run_config=config,
+                         node_configs=nodes)
     run_server_app_inprocess(make_server_app({**config, "personalize": "none"}), plain)
     run_server_app_inprocess(make_server_app(config), mine)
 
@@ -99,6 +101,25 @@ def test_personal_mod_leaves_the_reply_untouched() -> None:
     assert [arrays(r) for r in plain.received] == [arrays(r) for r in mine.received]
     assert all(held_personal(n.context) is None for n in plain.nodes)
     assert all(held_personal(n.context) is not None for n in mine.nodes)
+
+
+def test_without_a_personal_file_the_head_is_fitted_when_evaluated() -> None:
+    """A simulated device keeps no file: it fits nothing after training, and fits its head
+    from the evaluate message's model when asked, reporting the personal accuracy."""
+    trained_only = RecordingGrid(make_client_app(mods=[personal_mod]), 3,
+                                 run_config={**CONFIG, "num-rounds": 1})
+    run_server_app_inprocess(make_server_app({**CONFIG, "num-rounds": 1}), trained_only)
+    assert all(held_personal(n.context) is None for n in trained_only.nodes)
+
+    config = {**CONFIG, "num-rounds": 1, "fraction-evaluate": 1.0}
+    grid = RecordingGrid(make_client_app(mods=[personal_mod]), 3, run_config=config)
+    run_server_app_inprocess(make_server_app(config), grid)
+    assert all(held_personal(n.context) is not None for n in grid.nodes)
+    personal = [m["eval-acc-personal"]
+                for reply in grid.received
+                for m in fc.message_from_bytes(reply).content.metric_records.values()
+                if "eval-acc-personal" in m]
+    assert len(personal) == 3 and all(0.0 <= float(a) <= 1.0 for a in personal)
 
 
 def _local_setup():  # a global model trained a little, and one skewed client
