@@ -3,7 +3,9 @@
 Served on its own port with server-authenticated TLS only: the device has no
 certificate yet, and grpcio does not request a client certificate on a port
 with *optional* client auth (docs/coordinator.md), so enrollment cannot share
-the mutual-TLS device port.
+the mutual-TLS device port. The HTTP API offers the same call as
+`POST /v1/enroll` (server/http_enroll.py) for devices without gRPC; both
+call one `Enroller`, which holds the steps below.
 
 One call, in this order, cheapest refusal first:
 
