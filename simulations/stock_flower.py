@@ -1,9 +1,10 @@
-"""The peer: plain Flower apps, stock `FedAvg`/`FedAvgM`, no fedge code in the message path.
+"""The peer: plain Flower apps, stock Flower strategies, no fedge code in the message path.
 
 What the benchmark compares fedge against. The ServerApp is Flower's
 `FedAvg.start` (or `FedAvgM.start` when the config says `strategy = fedavgm`,
-with `server-lr` and `server-momentum`; `lr-decay` shrinks the client lr each
-round in a four-line subclass, as a Flower user would write it) with central
+with `server-lr` and `server-momentum`; `FedAdam`/`FedYogi` with `server-lr`
+as eta; `lr-decay` shrinks the client lr each round in a four-line subclass,
+as a Flower user would write it) with central
 evaluation through `evaluate_fn`; the ClientApp is
 a plain `ClientApp` with no mods. Neither uses fedge's wrapper, mod, codec or
 message helpers. Only what is not on the wire is shared, so that both sides do
@@ -27,7 +28,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedAvgM
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedge.common.contract import FINAL_ARRAYS_STATE_KEY
 from fedge.common.task import resolve_task
@@ -133,7 +134,8 @@ def stock_server_app(config: Mapping[str, Any], listeners: Sequence[RoundListene
 
 
 def stock_strategy(cfg: Mapping[str, Any]) -> FedAvg:
-    """Flower's FedAvg, or FedAvgM with the config's server lr and momentum (and lr decay)."""
+    """Flower's FedAvg, FedAvgM (the config's server lr and momentum) or FedAdam/FedYogi (its
+    server lr as eta, tau as fedge's ServerApp defaults it), with the lr decay."""
     common: dict[str, Any] = {
         "fraction_train": float(cfg.get("fraction-train", 1.0)),
         "fraction_evaluate": 0.0,
@@ -141,9 +143,14 @@ def stock_strategy(cfg: Mapping[str, Any]) -> FedAvg:
         "min_available_nodes": int(cfg.get("min-train-nodes", 2)),
     }
     name = str(cfg.get("strategy", "fedavg")).lower()
-    if name not in ("fedavg", "fedavgm"):
-        raise ValueError(f"the stock peer runs fedavg or fedavgm, not {name!r}")
+    if name not in ("fedavg", "fedavgm", "fedadam", "fedyogi"):
+        raise ValueError(f"the stock peer runs fedavg, fedavgm, fedadam or fedyogi, not {name!r}")
     decay = float(cfg.get("lr-decay", 1.0))
+    if name in ("fedadam", "fedyogi"):
+        adaptive = FedAdam if name == "fedadam" else FedYogi
+        return _Decayed.of(adaptive)(
+            **common, eta=float(cfg.get("server-lr", 0.01)), eta_l=float(cfg.get("lr", 0.1)),
+            tau=float(cfg.get("server-tau", 1e-3)), lr_decay=decay)
     if name == "fedavgm":
         return _Decayed.of(FedAvgM)(
             **common, server_learning_rate=float(cfg.get("server-lr", 1.0)),

@@ -289,3 +289,27 @@ def test_unknown_scenario_is_a_clear_error() -> None:
     done = subprocess.run([*FEDGE, "simulate", "--scenario", "cifar"], env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown scenario" in done.stdout
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedyogi"])
+def test_stock_flower_builds_the_strategy_fedge_builds(strategy: str) -> None:
+    """The stock peer's Flower strategy gets the parameters fedge's ServerApp gives it, so a
+    `stock-flower-best` row compares like with like (the sweep's FedYogi and FedAdam too)."""
+    from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
+
+    from fedge.server.server_app import ServerConfig, build_strategy
+    from fedge.simulations.stock_flower import stock_strategy
+
+    config = {"strategy": strategy, "server-lr": 0.01 if strategy != "fedavgm" else 0.2,
+              "lr": 0.05, "lr-decay": 0.97, "fraction-train": 0.1, "min-train-nodes": 10}
+    if strategy == "fedavgm":
+        config["server-momentum"] = 0.9
+    ours, theirs = build_strategy(ServerConfig.from_mapping(config)), stock_strategy(config)
+    flower = {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}[strategy]
+    assert isinstance(ours, flower) and isinstance(theirs, flower)
+    names = (("server_learning_rate", "server_momentum") if strategy == "fedavgm"
+             else ("eta", "eta_l", "tau", "beta_1", "beta_2"))
+    for name in (*names, "fraction_train", "min_train_nodes", "lr_decay"):
+        assert getattr(theirs, name) == getattr(ours, name), name
+    with pytest.raises(ValueError, match="stock peer"):
+        stock_strategy({**config, "strategy": "krum"})
