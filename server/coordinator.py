@@ -575,12 +575,15 @@ async def _serve(
     out(f"listening on {_address(options.host, port)}")
     enrollment, enroll_port, enroller = None, 0, None
     if tls is not None:
-        from fedge.server.enrollment_service import EnrollmentService, start_enrollment_server
+        from fedge.server.enrollment_service import (
+            Enroller,
+            EnrollmentService,
+            start_enrollment_server,
+        )
 
-        enrollment_service = EnrollmentService(store, tls, device_port=port)
-        enroller = enrollment_service.enroller  # the HTTP API's POST /v1/enroll shares it
+        enroller = Enroller(store, tls, device_port=port)  # the HTTP API's POST /v1/enroll too
         enrollment, enroll_port = await start_enrollment_server(
-            enrollment_service, tls, host=options.host, port=options.enrollment_port,
+            EnrollmentService(enroller), tls, host=options.host, port=options.enrollment_port,
         )
         undo.push_async_callback(enrollment.stop, None)
         out(f"enrollment on {_address(options.host, enroll_port)}")

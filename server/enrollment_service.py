@@ -213,18 +213,8 @@ class Enroller:
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     """grpc.aio servicer for `Enroll`: an `Enroller`, its refusals as gRPC status codes."""
 
-    def __init__(
-        self,
-        store: Store,
-        tls_paths: TlsPaths,
-        *,
-        device_port: int,
-        tokens: TokenBook | None = None,
-        limiter: RateLimiter | None = None,
-        cert_validity: dt.timedelta = DEVICE_CERT_VALIDITY,
-    ) -> None:
-        self.enroller = Enroller(store, tls_paths, device_port=device_port, tokens=tokens,
-                                 limiter=limiter, cert_validity=cert_validity)
+    def __init__(self, enroller: Enroller) -> None:
+        self.enroller = enroller
 
     @property
     def device_port(self) -> int:

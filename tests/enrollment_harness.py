@@ -11,7 +11,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from fedge.server.enrollment_service import EnrollmentService, start_enrollment_server
+from fedge.server.enrollment_service import (
+    Enroller,
+    EnrollmentService,
+    start_enrollment_server,
+)
 from fedge.server.rate_limit import RateLimiter
 from fedge.server.store import Store
 from fedge.server.tls import TlsPaths, ensure_server_tls
@@ -71,13 +75,13 @@ async def start_harness(
     paths = ensure_server_tls(state)
     store = Store.open(state / "fedge.db", clock=clock)
     tokens = TokenBook(store, clock=clock)
-    service = EnrollmentService(
+    service = EnrollmentService(Enroller(
         store,
         paths,
         device_port=DEVICE_PORT,
         tokens=tokens,
         limiter=RateLimiter(per_source=per_source, total=total, window_s=window_s),
-    )
+    ))
     server, port = await start_enrollment_server(service, paths, host="127.0.0.1", port=0)
     return EnrollmentHarness(state, paths, store, tokens, clock, service, server, port)
 

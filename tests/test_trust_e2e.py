@@ -43,7 +43,11 @@ from fedge.client.edge_session import CoordinatorLink, DeliveredTask, LinkDown
 from fedge.client.enroll import DeviceCredentials, enroll
 from fedge.common.chunking import sha256_hex
 from fedge.common.signing import sign_result
-from fedge.server.enrollment_service import EnrollmentService, start_enrollment_server
+from fedge.server.enrollment_service import (
+    Enroller,
+    EnrollmentService,
+    start_enrollment_server,
+)
 from fedge.server.rate_limit import RateLimiter
 from fedge.server.store import DeviceStatus, ResultStatus
 from fedge.server.tls import ensure_server_tls, server_credentials, sign_csr
@@ -133,10 +137,10 @@ async def trust(tmp_path: Path) -> AsyncIterator[Trust]:
     h.server = server
     clock = FakeClock(dt.datetime.now(dt.UTC).timestamp())
     tokens = TokenBook(h.store, clock=clock)
-    service = EnrollmentService(
+    service = EnrollmentService(Enroller(
         h.store, paths, device_port=port, tokens=tokens,
         limiter=RateLimiter(per_source=1000, total=1000, window_s=60),
-    )
+    ))
     enroll_server, enroll_port = await start_enrollment_server(service, paths, port=0)
     t = Trust(h, tokens, clock, enroll_server, f"127.0.0.1:{enroll_port}",
               f"127.0.0.1:{port}", paths.ca_cert.read_bytes(), tmp_path)
@@ -323,10 +327,10 @@ async def case_replayed_round(t: Trust) -> grpc.StatusCode:
 
 async def case_enroll_flood(t: Trust) -> grpc.StatusCode:
     paths = ensure_server_tls(t.tmp / "coord")
-    service = EnrollmentService(
+    service = EnrollmentService(Enroller(
         t.h.store, paths, device_port=1, tokens=t.tokens,
         limiter=RateLimiter(per_source=3, total=100, window_s=60),
-    )
+    ))
     server, port = await start_enrollment_server(service, paths, port=0)
     flood = Trust(t.h, t.tokens, t.clock, server, f"127.0.0.1:{port}", "", t.ca_pem, t.tmp)
     try:
