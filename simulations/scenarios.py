@@ -115,7 +115,7 @@ NATURAL_CLIENTS: dict[str, Callable[[dict[str, Any]], int]] = {
     "shakespeare": _shakespeare_clients,
 }
 
-#: issue 18's FedAvgM setting, the default before the 5-epoch sweep and the base of its
+#: issue 18's FedAvgM setting, the default before FedAdam and the base of the sweep's
 #: FedAvgM rows: Flower's FedAvgM (server momentum 0.9; server lr 0.2, an effective step of
 #: 2x the mean update once the momentum has built up), 5 local epochs (0.8264 against 3
 #: epochs' 0.7979), and a client lr that shrinks 3 % a round (x0.23 by round 50).
