@@ -112,14 +112,14 @@ def _sample_positions(n: int) -> np.ndarray:
 
 
 def fit_levels(
-    x: np.ndarray, scales: np.ndarray, inv: np.ndarray, block: int
+    x: np.ndarray, scales: np.ndarray, inv: np.ndarray, block: int, top: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(16 ascending levels in [-1, 1], uint8 level of each of the NBINS fine bins).
 
     Weighted Lloyd-Max over the fine bins of a strided sample: each value
     weighs its block's squared scale (error in the tensor's units); a bin goes
     to the level nearest its weighted mean, which is the best any level choice
-    per bin can do. `inv` is `inverse_steps(scales, M)`.
+    per bin can do. `inv` is `inverse_steps(scales, M)`, `top` is M.
     """
     levels = NF4_LEVELS.astype(np.float64)
     pos = _sample_positions(x.size)
@@ -127,8 +127,15 @@ def fit_levels(
     y = x[pos] * inv[blk]
     bins = y.astype(np.int8).astype(np.intp) + GRID  # truncation, as the encoder cuts
     w = np.square(scales[blk].astype(np.float64))
+    # y / GRID is the value in units of its block's scale, except where inverse_steps
+    # capped the step (a block of near-subnormal magnitude): there y is that much smaller,
+    # and a level fitted to it would shrink the block's values by the same factor
+    weighted = w * y / GRID
+    eff = scales[blk].astype(np.float64) * top
+    capped = (eff > 0) & (eff * _FP32_MAX < GRID)
+    weighted[capped] = w[capped] * x[pos][capped] / eff[capped]
     hw = np.bincount(bins, weights=w, minlength=NBINS)
-    hy = np.bincount(bins, weights=w * y / GRID, minlength=NBINS)
+    hy = np.bincount(bins, weights=weighted, minlength=NBINS)
     occupied = hw > 0
     # ascending: each bin's mean lies inside the bin (an empty bin keeps its centre)
     means = np.divide(hy, hw, out=_BIN_CENTER.copy(), where=occupied)
@@ -197,7 +204,7 @@ def encode(
     n = x.size
     scales, top = tensor_scales(x, block)
     inv_blocks = inverse_steps(scales, top)
-    levels, level_of = fit_levels(x, scales, inv_blocks, block)
+    levels, level_of = fit_levels(x, scales, inv_blocks, block, top)
     codebook = (levels * np.float32(top)).astype(np.float32)
     packed = np.empty((n + 1) // 2, np.uint8)
     if n == 0:

@@ -134,6 +134,15 @@ def test_each_value_gets_a_nearest_level(x: np.ndarray, scale: float, block: int
     assert np.all(np.abs(decoded) <= top * (1 + 1e-6))
 
 
+def test_a_block_near_the_smallest_normal_keeps_its_values() -> None:
+    """Such a block's step is capped (codebook.inverse_steps); its levels must still be
+    fitted in the block's units (found by hypothesis: 5.96e-38 came back as 9.5e-39)."""
+    for v in (5.9604645e-38, 1.1920929e-37, -2.0e-37):
+        x = np.array([v], np.float32)
+        _, decoded, _ = _one(x, "nf4:block=0:small=0:noef")
+        assert decoded[0] == x[0]
+
+
 def test_zero_and_constant_tensors() -> None:
     for x in (np.zeros(1000, np.float32), np.full(1000, -2.5, np.float32)):
         _, decoded, residual = _one(x, "nf4:small=0")
