@@ -124,16 +124,15 @@ FEDAVGM: dict[str, Any] = {
     "local-epochs": 5, "lr": 0.05, "lr-decay": 0.97,
 }
 
-#: issue 18's tuned server side for fashion-mnist-100 (simulations/BENCHMARKS.md): Flower's
-#: FedAdam with server lr 0.01, 5 local epochs (0.8341 final, swing 0.0086, against FedAvgM's
-#: 0.8264 / 0.0145; plain FedAvg ends higher, 0.8388, but swings 0.0217) and the shrinking
-#: client lr above; devices fit a personal head (common/personal.py) for 30 epochs on the
-#: body's features (10 gave 0.9181 mean client accuracy on this scenario; 30 beat 10 at small
-#: size). The sweep's FedAdam at 10 local epochs ends higher still (0.8491, swing 0.0067): the
-#: next default, once its three runs are measured (about 90 minutes on 2 cores).
+#: issue 18's tuned server side for fashion-mnist-100, the sweep's winner
+#: (simulations/BENCHMARKS.md): Flower's FedAdam with server lr 0.01, 10 local epochs
+#: (0.8491 final, swing 0.0067; at 5 epochs 0.8341 / 0.0086, FedAvgM 0.8264 / 0.0145, plain
+#: FedAvg 0.8388 but swing 0.0217) and the shrinking client lr above; devices fit a
+#: personal head (common/personal.py) for 30 epochs on the body's features (10 gave 0.9181
+#: mean client accuracy on this scenario; 30 beat 10 at small size).
 TUNED_SERVER: dict[str, Any] = {
     "strategy": "fedadam", "server-lr": 0.01,
-    "local-epochs": 5, "lr": 0.05, "lr-decay": 0.97,
+    "local-epochs": 10, "lr": 0.05, "lr-decay": 0.97,
 }
 PERSONAL: dict[str, Any] = {"personalize": "head", "personal-epochs": 30}
 TUNED: dict[str, Any] = {**TUNED_SERVER, **PERSONAL}
@@ -146,10 +145,10 @@ def _variant(**changes: Any) -> dict[str, Any]:
 
 
 #: the sweep behind TUNED (label -> settings), each a change of FEDAVGM or, the first, of
-#: TUNED_SERVER. The two rows with personal heads are earlier defaults, measured as
+#: TUNED. The three rows with personal heads are earlier defaults, measured as
 #: `fedge-tuned` (so they keep them).
 TUNING_RUNS: dict[str, dict[str, Any]] = {
-    "tune:fedadam0.01-e10-d0.97": {**TUNED_SERVER, "local-epochs": 10},
+    "tune:fedadam0.01-e5-d0.97": {**TUNED, "local-epochs": 5},
     "tune:fedavgm0.9x0.2-e5-d0.97": {**FEDAVGM, **PERSONAL},
     "tune:fedavgm0.9x0.2-e3-d0.97": {**FEDAVGM, **PERSONAL, "local-epochs": 3},
     "tune:fedavg-e5-d0.97": _variant(strategy="fedavg", **{"server-momentum": None,
