@@ -131,9 +131,8 @@ def fit_levels(
     # capped the step (a block of near-subnormal magnitude): there y is that much smaller,
     # and a level fitted to it would shrink the block's values by the same factor
     weighted = w * y / GRID
-    eff = scales[blk].astype(np.float64) * top
-    capped = (eff > 0) & (eff * _FP32_MAX < GRID)
-    weighted[capped] = w[capped] * x[pos][capped] / eff[capped]
+    capped = inv[blk] == np.float32(_FP32_MAX)
+    weighted[capped] = w[capped] * x[pos][capped] / (scales[blk][capped].astype(np.float64) * top)
     hw = np.bincount(bins, weights=w, minlength=NBINS)
     hy = np.bincount(bins, weights=weighted, minlength=NBINS)
     occupied = hw > 0
